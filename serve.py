@@ -1,0 +1,197 @@
+"""Start and stop the local service: TorchServe with both model versions, behind nginx.
+
+    python serve.py start [--port 8089] [--run-dir logs] [--model resnet34]
+    python serve.py stop [--run-dir logs]
+    python serve.py set-default resnet18
+
+serve.sh installs what is missing, builds the archives and calls this. Tests call it too, on free ports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from skinlesion.model import ARCHITECTURES
+
+ROOT = Path(__file__).resolve().parent
+NGINX_TEMPLATE = ROOT / "proxy" / "nginx.conf"
+DEFAULT_PORTS = {"port": 8089, "inference": 8080, "management": 8081, "metrics": 8082, "grpc": 7070}
+
+
+def render_nginx_conf(listen: str, upstreams: list[str], run_dir: Path, log_dir: Path) -> str:
+    """proxy/nginx.conf with its ${VARIABLES} filled in, as the nginx image's envsubst would."""
+    values = {
+        "NGINX_LISTEN": listen,
+        "NGINX_RUN_DIR": str(run_dir),
+        "NGINX_LOG_DIR": str(log_dir),
+        "TORCHSERVE_SERVERS": "\n        ".join(f"server {u} max_fails=1 fail_timeout=5s;" for u in upstreams),
+    }
+    text = NGINX_TEMPLATE.read_text()
+    for name, value in values.items():
+        text = text.replace("${" + name + "}", value)
+    return text
+
+
+def torchserve_env(run_dir: Path, ports: dict[str, int]) -> dict[str, str]:
+    """Environment for one TorchServe instance: its own ports, logs and pid file (TorchServe keeps
+    the pid file in the temp folder, so a per-instance TMPDIR lets several run side by side)."""
+    tmp = run_dir / "tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    env.update(
+        TMPDIR=str(tmp),
+        LOG_LOCATION=str(run_dir / "torchserve"),
+        METRICS_LOCATION=str(run_dir / "torchserve"),
+        TS_INFERENCE_ADDRESS=f"http://127.0.0.1:{ports['inference']}",
+        TS_MANAGEMENT_ADDRESS=f"http://127.0.0.1:{ports['management']}",
+        TS_METRICS_ADDRESS=f"http://127.0.0.1:{ports['metrics']}",
+        TS_GRPC_INFERENCE_PORT=str(ports["grpc"]),
+        TS_GRPC_MANAGEMENT_PORT=str(ports["grpc"] + 1),
+        PYTHONPATH=str(ROOT),
+    )
+    return env
+
+
+def http_json(method: str, url: str, timeout: float = 5.0) -> tuple[int, object]:
+    request = urllib.request.Request(url, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as error:
+        body = error.read()
+        try:
+            return error.code, json.loads(body or b"null")
+        except ValueError:
+            return error.code, body.decode(errors="replace")
+
+
+def wait_for(check, what: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{what} not ready after {timeout:.0f} s")
+
+
+def versions_ready(management: str) -> bool:
+    status, models = http_json("GET", f"{management}/models/skin/all")
+    return status == 200 and len(models) == len(ARCHITECTURES) and all(
+        w["status"] == "READY" for m in models for w in m["workers"]
+    ) and all(m["workers"] for m in models)
+
+
+def set_default(management: str, version: str) -> dict:
+    status, body = http_json("PUT", f"{management}/models/skin/{version}/set-default")
+    if status != 200:
+        raise RuntimeError(f"set-default {version} failed ({status}): {body}")
+    return body
+
+
+def start_torchserve(run_dir: Path, model_store: Path, ports: dict[str, int], default: str, timeout: float = 180) -> str:
+    """Start one TorchServe with every version of "skin"; returns its management URL once ready."""
+    env = torchserve_env(run_dir, ports)
+    archives = [f"skin-{arch}.mar" for arch in ARCHITECTURES]
+    with open(run_dir / "torchserve.out", "ab") as out:
+        subprocess.run(
+            [str(Path(sys.executable).parent / "torchserve"), "--start", "--ncs", "--ts-config", str(ROOT / "config.properties"),
+             "--model-store", str(model_store), "--models", *archives],
+            env=env, cwd=run_dir, stdout=out, stderr=subprocess.STDOUT, check=True,
+        )
+    management = f"http://127.0.0.1:{ports['management']}"
+    wait_for(lambda: versions_ready(management), "TorchServe's model workers", timeout)
+    set_default(management, default)
+    return management
+
+
+def stop_torchserve(run_dir: Path) -> None:
+    env = torchserve_env(run_dir, DEFAULT_PORTS | {"inference": 0, "management": 0, "metrics": 0, "grpc": 0})
+    subprocess.run([str(Path(sys.executable).parent / "torchserve"), "--stop"], env=env, cwd=run_dir,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+
+
+def start_nginx(run_dir: Path, listen: str, upstreams: list[str]) -> Path:
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    conf = run_dir / "nginx.conf"
+    log_dir = run_dir / "nginx"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    conf.write_text(render_nginx_conf(listen, upstreams, run_dir, log_dir))
+    subprocess.run([nginx, "-c", str(conf), "-e", str(log_dir / "error.log")], check=True)
+    return conf
+
+
+def stop_nginx(run_dir: Path) -> None:
+    pid_file = run_dir / "nginx.pid"
+    if pid_file.exists():
+        try:
+            os.kill(int(pid_file.read_text()), signal.SIGQUIT)
+        except (ProcessLookupError, ValueError):
+            pass
+
+
+def health_ok(url: str) -> bool:
+    status, _ = http_json("GET", url, timeout=2)
+    return status == 200
+
+
+def start(args: argparse.Namespace) -> None:
+    run_dir = args.run_dir.resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ports = {"inference": args.inference_port, "management": args.management_port,
+             "metrics": args.metrics_port, "grpc": args.grpc_port}
+    start_torchserve(run_dir, args.model_store.resolve(), ports, args.model)
+    start_nginx(run_dir, f"{args.host}:{args.port}", [f"127.0.0.1:{args.inference_port}"])
+    url = f"http://{args.host}:{args.port}"
+    wait_for(lambda: health_ok(f"{url}/health"), "nginx /health", 30)
+    print(f"serving {args.model} (default) at {url}/predict   logs: {run_dir}")
+
+
+def stop(args: argparse.Namespace) -> None:
+    run_dir = args.run_dir.resolve()
+    stop_nginx(run_dir)
+    stop_torchserve(run_dir)
+    print("stopped")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in ("start", "stop"):
+        p = sub.add_parser(name)
+        p.add_argument("--run-dir", type=Path, default=ROOT / "logs", help="logs, pid files and rendered configs")
+        if name == "start":
+            p.add_argument("--host", default="127.0.0.1", help="address nginx listens on")
+            p.add_argument("--port", type=int, default=DEFAULT_PORTS["port"])
+            p.add_argument("--inference-port", type=int, default=DEFAULT_PORTS["inference"])
+            p.add_argument("--management-port", type=int, default=DEFAULT_PORTS["management"])
+            p.add_argument("--metrics-port", type=int, default=DEFAULT_PORTS["metrics"])
+            p.add_argument("--grpc-port", type=int, default=DEFAULT_PORTS["grpc"], help="and the next one")
+            p.add_argument("--model-store", type=Path, default=ROOT / "model_store")
+            p.add_argument("--model", choices=sorted(ARCHITECTURES), default=os.environ.get("MODEL", "resnet34"))
+    p = sub.add_parser("set-default", help="switch the default model version at runtime")
+    p.add_argument("version", choices=sorted(ARCHITECTURES))
+    p.add_argument("--management-url", default=f"http://127.0.0.1:{DEFAULT_PORTS['management']}")
+    args = parser.parse_args(argv)
+    if args.command == "start":
+        start(args)
+    elif args.command == "stop":
+        stop(args)
+    else:
+        print(json.dumps(set_default(args.management_url, args.version)))
+
+
+if __name__ == "__main__":
+    main()

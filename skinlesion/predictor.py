@@ -1,0 +1,52 @@
+"""A plain-Python predictor: a trained model plus the shared preprocessing, no server attached."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch import nn
+
+from skinlesion.image import preprocess
+from skinlesion.model import CLASS_NAMES, load_checkpoint
+
+
+class Predictor:
+    def __init__(self, model: nn.Module, arch: str, image_size: tuple[int, int], device: str = "cpu") -> None:
+        self.model = model.to(device).eval()
+        self.arch = arch
+        self.image_size = tuple(image_size)
+        self.device = torch.device(device)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str = "cpu") -> Predictor:
+        model, meta = load_checkpoint(path, device)
+        return cls(model, meta["arch"], meta["image_size"], device)
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        return preprocess(image, self.image_size)
+
+    def probabilities(self, inputs: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+        """Softmax probabilities (N x 7, on the CPU) for preprocessed inputs (N x 3 x H x W)."""
+        with torch.inference_mode():
+            return torch.cat(
+                [
+                    self.model(chunk.to(self.device)).float().softmax(dim=1).cpu()
+                    for chunk in inputs.split(batch_size)
+                ]
+            )
+
+    def describe(self, probabilities: torch.Tensor) -> dict:
+        """The response fields for one image's probability vector."""
+        best = int(probabilities.argmax())
+        return {
+            "prediction": CLASS_NAMES[best],
+            "probability": float(probabilities[best]),
+            "probabilities": {name: float(p) for name, p in zip(CLASS_NAMES, probabilities, strict=True)},
+            "model": self.arch,
+        }
+
+    def predict(self, images: list[Image.Image]) -> list[dict]:
+        inputs = torch.stack([self.preprocess(image) for image in images])
+        return [self.describe(p) for p in self.probabilities(inputs)]

@@ -1,0 +1,118 @@
+"""The /predict request contract: parse and validate a body, answer with the JSON envelope.
+
+Server-agnostic: the TorchServe handler (and any other server) hands bodies in and sends the
+(status, payload) pairs back out.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from skinlesion.image import ImageError, decode_image
+from skinlesion.predictor import Predictor
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("Low", "Medium", "High")
+METHODS = ("lime", "gradcam")
+DATA_URL_PREFIX = re.compile(r"^data:image/[A-Za-z0-9.+-]+;base64,")
+
+
+class RequestError(ValueError):
+    """A client mistake, answered with `status` and the message."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class PredictRequest:
+    image: bytes
+    explain: bool = False
+    precision: str = "Medium"
+    method: str = "lime"
+
+
+def failure(message: str) -> dict:
+    return {"success": False, "error": message}
+
+
+def parse_body(body: Any) -> dict:
+    """The request body as a JSON object, whether the server already parsed it or not."""
+    if isinstance(body, (bytes, bytearray)):
+        try:
+            body = json.loads(bytes(body).decode("utf-8"))
+        except UnicodeDecodeError:
+            raise RequestError("the body is not UTF-8 text; send a JSON object") from None
+        except json.JSONDecodeError as exc:
+            raise RequestError(f"the body is not valid JSON ({exc.msg} at position {exc.pos})") from None
+        except RecursionError:
+            raise RequestError("the body is JSON nested too deeply") from None
+    if not isinstance(body, dict):
+        raise RequestError(f"the body must be a JSON object like {{\"image\": \"<base64>\"}}, not {json_type(body)}")
+    return body
+
+
+def parse_request(body: Any) -> PredictRequest:
+    """Validate a /predict body; every client mistake raises RequestError with a message to act on."""
+    fields = parse_body(body)
+    image = fields.get("image")
+    if image is None:
+        raise RequestError("'image' is required: the image file's bytes as a base64 string")
+    if not isinstance(image, str):
+        raise RequestError(f"'image' must be a base64 string, not {json_type(image)}")
+    try:
+        data = base64.b64decode(re.sub(r"\s+", "", DATA_URL_PREFIX.sub("", image, count=1)), validate=True)
+    except (binascii.Error, ValueError):
+        raise RequestError("'image' is not valid base64") from None
+    explain = fields.get("explain", False)
+    if not isinstance(explain, bool):
+        raise RequestError(f"'explain' must be true or false, not {json_type(explain)}")
+    precision = fields.get("precision", "Medium")
+    if not isinstance(precision, str) or precision.capitalize() not in PRECISIONS:
+        raise RequestError(f"'precision' must be one of {', '.join(PRECISIONS)}, not {json.dumps(precision)[:40]}")
+    method = fields.get("method", "lime")
+    if not isinstance(method, str) or method.lower() not in METHODS:
+        raise RequestError(f"'method' must be one of {', '.join(METHODS)}, not {json.dumps(method)[:40]}")
+    return PredictRequest(data, explain, precision.capitalize(), method.lower())
+
+
+def json_type(value: Any) -> str:
+    names = {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "an array", dict: "an object"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+def respond(predictor: Predictor, bodies: list[Any]) -> list[tuple[int, dict]]:
+    """(HTTP status, JSON payload) for each body; valid images are classified as one batch."""
+    answers: list[tuple[int, dict] | None] = [None] * len(bodies)
+    requests, images, positions = [], [], []
+    for i, body in enumerate(bodies):
+        try:
+            request = parse_request(body)
+            images.append(decode_image(request.image))
+        except (RequestError, ImageError) as exc:
+            answers[i] = (getattr(exc, "status", 400), failure(str(exc)))
+            continue
+        requests.append(request)
+        positions.append(i)
+    if images:
+        try:
+            results = predictor.predict(images)
+        except Exception:
+            log.exception("prediction failed")
+            results = None
+        for i, request, result in zip(positions, requests, results or [None] * len(positions), strict=True):
+            if result is None:
+                answers[i] = (500, failure("the model failed on this image; the error is in the server log"))
+            elif request.explain:
+                answers[i] = (501, failure("explanations are not available in this version of the service"))
+            else:
+                answers[i] = (200, {"success": True, **result})
+    return answers

@@ -1,0 +1,1 @@
+"""Training and evaluation of the skin-lesion classifier on HAM10000."""

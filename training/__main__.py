@@ -1,0 +1,223 @@
+"""Train a ResNet on HAM10000.
+
+    python -m training [--epochs 15] [--modelname model_store/<type>.pt] [--fine_tune] [--type resnet34] root
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.metrics import balanced_accuracy_score
+from torch import nn
+from torchvision.transforms import v2
+from tqdm import tqdm
+
+from skinlesion.image import decode_image, normalize, resize
+from skinlesion.model import ARCHITECTURES, CLASS_CODES, DEFAULT_IMAGE_SIZE, build_model, load_checkpoint, save_checkpoint
+from skinlesion.predictor import Predictor
+from training.data import Sample, split_dataset
+from training.evaluate import compute_metrics, format_report, predict_samples
+from training.plots import plot_confusion, plot_curves
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m training", description="Train a ResNet on HAM10000.")
+    p.add_argument("root", type=Path, help="HAM10000 folder: metadata CSV plus images (train/test folders optional)")
+    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--modelname", type=Path, default=None, help="output weights (default model_store/<type>.pt)")
+    p.add_argument("--fine_tune", action="store_true", help="train only the last layer")
+    p.add_argument("--type", choices=sorted(ARCHITECTURES), default="resnet34")
+    p.add_argument("--weights", default="none", help="initial weights: imagenet, none, or a checkpoint PATH")
+    p.add_argument("--image-size", type=int, nargs=2, default=DEFAULT_IMAGE_SIZE, metavar=("H", "W"))
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of the one-cycle schedule")
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bfloat16 autocast")
+    p.add_argument("--resume", action="store_true", help="continue from the last epoch checkpoint")
+    p.add_argument("--workers", type=int, default=0, help="data-loading processes")
+    p.add_argument("--checkpoint-dir", type=Path, default=Path("runs"), help="per-epoch checkpoints (for --resume)")
+    args = p.parse_args(argv)
+    args.modelname = args.modelname or Path("model_store") / f"{args.type}.pt"
+    args.image_size = tuple(args.image_size)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    return args
+
+
+class AugmentedImages(torch.utils.data.Dataset):
+    """Decoded training images with dermoscopy augmentation: any orientation, crops, colour jitter."""
+
+    def __init__(self, images: list[torch.Tensor], labels: list[int], image_size: tuple[int, int]) -> None:
+        self.images, self.labels = images, labels
+        height, width = image_size
+        self.transform = v2.Compose(
+            [
+                v2.RandomRotation(30),
+                v2.RandomResizedCrop(image_size, scale=(0.4, 1.0), ratio=(0.8 * width / height, 1.25 * width / height)),
+                v2.RandomHorizontalFlip(),
+                v2.RandomVerticalFlip(),
+                v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02),
+            ]
+        )
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return normalize(self.transform(self.images[i])), self.labels[i]
+
+
+def load_images(samples: list[Sample], size: tuple[int, int] | None, what: str) -> list[torch.Tensor]:
+    """uint8 tensors: resized to `size` (exactly the serving preprocessing) or, without it, as decoded."""
+    images = []
+    for s in tqdm(samples, desc=f"decoding {what}", leave=False):
+        image = decode_image(s.path.read_bytes())
+        images.append(resize(image, size) if size else v2.functional.pil_to_tensor(image))
+    return images
+
+
+def class_weights(labels: list[int]) -> torch.Tensor:
+    """Loss weights proportional to 1/sqrt(class frequency): minority classes count more, not absurdly more."""
+    counts = np.bincount(labels, minlength=len(CLASS_CODES)).astype(np.float64)
+    weights = 1.0 / np.sqrt(np.maximum(counts, 1))
+    return torch.tensor(weights / (weights * counts).sum() * counts.sum(), dtype=torch.float32)
+
+
+def validate(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, device: str) -> dict:
+    model.eval()
+    with torch.inference_mode():
+        logits = torch.cat([model(normalize(chunk).to(device)).float().cpu() for chunk in inputs.split(128)])
+    preds = logits.argmax(1)
+    return {
+        "val_loss": float(nn.functional.cross_entropy(logits, labels)),
+        "val_accuracy": float((preds == labels).float().mean()),
+        "val_balanced_accuracy": float(balanced_accuracy_score(labels.numpy(), preds.numpy())),
+    }
+
+
+def train(args: argparse.Namespace) -> dict:
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    train_set, val_set, test_set = split_dataset(args.root, args.seed)
+    print(f"images: {len(train_set)} train, {len(val_set)} validation, {len(test_set)} test", flush=True)
+
+    if args.weights == "imagenet":
+        try:
+            model = build_model(args.type, imagenet=True)
+        except OSError as exc:
+            sys.exit(f"error: could not download torchvision's ImageNet weights ({exc}); use --weights none offline")
+    elif args.weights == "none":
+        model = build_model(args.type)
+    else:
+        model, meta = load_checkpoint(args.weights)
+        if meta["arch"] != args.type:
+            sys.exit(f"error: {args.weights} holds a {meta['arch']}, not a {args.type}")
+    if args.fine_tune:
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad = name.startswith("fc.")
+    model.to(args.device, memory_format=torch.channels_last)
+
+    train_labels = [s.label for s in train_set]
+    loader = torch.utils.data.DataLoader(
+        AugmentedImages(load_images(train_set, None, "training images"), train_labels, args.image_size),
+        batch_size=args.batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=args.workers,
+        persistent_workers=args.workers > 0,
+    )
+    val_inputs = torch.stack(load_images(val_set, args.image_size, "validation images"))
+    val_labels = torch.tensor([s.label for s in val_set])
+
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr, total_steps=args.epochs * len(loader), pct_start=0.15)
+    criterion = nn.CrossEntropyLoss(weight=class_weights(train_labels).to(args.device), label_smoothing=0.05)
+
+    run_dir = args.checkpoint_dir / args.modelname.stem
+    run_dir.mkdir(parents=True, exist_ok=True)
+    args.modelname.parent.mkdir(parents=True, exist_ok=True)
+    state = {"epoch": 0, "best": -1.0, "history": [], "seconds": 0.0}
+    if args.resume and (run_dir / "last.pt").exists():
+        saved = torch.load(run_dir / "last.pt", map_location=args.device, weights_only=False)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        torch.set_rng_state(saved["rng"])
+        state = saved["state"]
+        print(f"resumed after epoch {state['epoch']} from {run_dir / 'last.pt'}", flush=True)
+
+    for epoch in range(state["epoch"] + 1, args.epochs + 1):
+        start = time.time()
+        model.train()
+        seen = correct = 0
+        total_loss = 0.0
+        bar = tqdm(loader, desc=f"epoch {epoch}/{args.epochs}", leave=False)
+        for inputs, labels in bar:
+            inputs = inputs.to(args.device, memory_format=torch.channels_last)
+            labels = labels.to(args.device)
+            with torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.amp):
+                logits = model(inputs)
+            loss = criterion(logits.float(), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            seen += len(labels)
+            total_loss += loss.item() * len(labels)
+            correct += int((logits.argmax(1) == labels).sum())
+            bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}")
+        row = {"epoch": epoch, "loss": total_loss / seen, "accuracy": correct / seen}
+        row.update(validate(model, val_inputs, val_labels, args.device))
+        state["seconds"] += time.time() - start
+        state["history"].append(row)
+        improved = row["val_balanced_accuracy"] > state["best"]
+        if improved:
+            state["best"] = row["val_balanced_accuracy"]
+            save_checkpoint(model, args.type, args.image_size, args.modelname)
+        state["epoch"] = epoch
+        torch.save(
+            {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "rng": torch.get_rng_state(), "state": state},
+            run_dir / "last.pt",
+        )
+        print(
+            f"epoch {epoch:>3}/{args.epochs}  loss {row['loss']:.4f}  acc {row['accuracy']:.4f}  "
+            f"val_loss {row['val_loss']:.4f}  val_acc {row['val_accuracy']:.4f}  "
+            f"val_bal_acc {row['val_balanced_accuracy']:.4f}  {time.time() - start:.0f}s" + ("  *best" if improved else ""),
+            flush=True,
+        )
+
+    predictor = Predictor.from_checkpoint(args.modelname)
+    test_metrics = compute_metrics(np.array([s.label for s in test_set]), predict_samples(predictor, test_set))
+    print(format_report(test_metrics), flush=True)
+    best_epoch = max(state["history"], key=lambda r: r["val_balanced_accuracy"])
+    report = {
+        "model": args.type,
+        "weights": str(args.modelname),
+        "arguments": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "images": {"train": len(train_set), "validation": len(val_set), "test": len(test_set)},
+        "training_seconds": round(state["seconds"], 1),
+        "best_epoch": best_epoch,
+        "history": state["history"],
+        "test": test_metrics,
+    }
+    stem = args.modelname.with_suffix("")
+    Path(f"{stem}.json").write_text(json.dumps(report, indent=2, default=lambda x: None if math.isnan(x) else x) + "\n")
+    plot_confusion(test_metrics["confusion_matrix"], f"{stem}_confusion.png", f"{args.type} on the test split")
+    plot_curves(state["history"], f"{stem}_curves.png", args.type)
+    return report
+
+
+if __name__ == "__main__":
+    train(parse_args())

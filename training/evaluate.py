@@ -1,0 +1,136 @@
+"""Evaluate a checkpoint on labelled HAM10000 images with the serving predictor.
+
+    python -m training.evaluate ROOT --type resnet34 --weights model_store/resnet34.pt [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.metrics import balanced_accuracy_score, confusion_matrix, precision_recall_fscore_support, roc_auc_score
+
+from skinlesion.image import decode_image
+from skinlesion.model import ARCHITECTURES, CLASS_CODES
+from skinlesion.predictor import Predictor
+from training.data import Sample, read_samples
+
+MELANOMA = CLASS_CODES.index("mel")
+
+
+def expected_calibration_error(labels: np.ndarray, probs: np.ndarray, bins: int = 15) -> float:
+    """Top-label ECE: the gap between confidence and accuracy, averaged over equal-width bins."""
+    confidence, correct = probs.max(axis=1), probs.argmax(axis=1) == labels
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
+    gap = sum(
+        abs(confidence[which == b].mean() - correct[which == b].mean()) * (which == b).sum()
+        for b in range(bins)
+        if (which == b).any()
+    )
+    return float(gap / len(labels))
+
+
+def compute_metrics(labels: np.ndarray, probs: np.ndarray) -> dict:
+    """Every reported metric for integer labels (N) and class probabilities (N x 7)."""
+    labels, probs = np.asarray(labels), np.asarray(probs, dtype=np.float64)
+    preds = probs.argmax(axis=1)
+    classes = list(range(len(CLASS_CODES)))
+    matrix = confusion_matrix(labels, preds, labels=classes)
+    precision, recall, f1, support = precision_recall_fscore_support(
+        labels, preds, labels=classes, zero_division=0
+    )
+    aucs = {}
+    for k in classes:
+        positives = labels == k
+        if 0 < positives.sum() < len(labels):
+            aucs[k] = float(roc_auc_score(positives, probs[:, k]))
+    mel_negatives = labels != MELANOMA
+    return {
+        "n_images": int(len(labels)),
+        "accuracy": float((preds == labels).mean()),
+        "balanced_accuracy": float(balanced_accuracy_score(labels, preds)),
+        "macro_auc": float(np.mean(list(aucs.values()))) if aucs else float("nan"),
+        "melanoma_sensitivity": float(recall[MELANOMA]) if support[MELANOMA] else float("nan"),
+        "melanoma_specificity": float((preds[mel_negatives] != MELANOMA).mean()) if mel_negatives.any() else float("nan"),
+        "expected_calibration_error": expected_calibration_error(labels, probs),
+        "per_class": {
+            code: {
+                "precision": float(precision[k]),
+                "recall": float(recall[k]),
+                "f1": float(f1[k]),
+                "auc": aucs.get(k, float("nan")),
+                "support": int(support[k]),
+            }
+            for k, code in enumerate(CLASS_CODES)
+        },
+        "confusion_matrix": matrix.tolist(),
+        "classes": list(CLASS_CODES),
+    }
+
+
+def predict_samples(predictor: Predictor, samples: list[Sample], batch_size: int = 64) -> np.ndarray:
+    """Class probabilities for samples' image files, decoded and preprocessed exactly as served."""
+    chunks = []
+    for start in range(0, len(samples), batch_size):
+        batch = samples[start : start + batch_size]
+        inputs = torch.stack([predictor.preprocess(decode_image(s.path.read_bytes())) for s in batch])
+        chunks.append(predictor.probabilities(inputs).numpy())
+    return np.concatenate(chunks) if chunks else np.zeros((0, len(CLASS_CODES)))
+
+
+def format_report(metrics: dict) -> str:
+    lines = [
+        f"images                 {metrics['n_images']}",
+        f"accuracy               {metrics['accuracy']:.4f}",
+        f"balanced accuracy      {metrics['balanced_accuracy']:.4f}",
+        f"macro ROC AUC (OvR)    {metrics['macro_auc']:.4f}",
+        f"melanoma sensitivity   {metrics['melanoma_sensitivity']:.4f}",
+        f"melanoma specificity   {metrics['melanoma_specificity']:.4f}",
+        f"calibration error      {metrics['expected_calibration_error']:.4f}",
+        "",
+        f"{'class':<6} {'precision':>9} {'recall':>7} {'f1':>6} {'auc':>6} {'n':>5}",
+    ]
+    for code, m in metrics["per_class"].items():
+        lines.append(
+            f"{code:<6} {m['precision']:>9.3f} {m['recall']:>7.3f} {m['f1']:>6.3f} {m['auc']:>6.3f} {m['support']:>5}"
+        )
+    lines += ["", "confusion matrix (rows: true, columns: predicted)", "       " + " ".join(f"{c:>5}" for c in CLASS_CODES)]
+    lines += [f"{code:<6} " + " ".join(f"{n:>5}" for n in row) for code, row in zip(CLASS_CODES, metrics["confusion_matrix"], strict=True)]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.split("\n")[0])
+    parser.add_argument("root", type=Path, help="folder with HAM10000_metadata.csv (or metadata.csv) and images beneath")
+    parser.add_argument("--type", choices=sorted(ARCHITECTURES), default="resnet34")
+    parser.add_argument("--weights", type=Path, default=None, help="checkpoint (default model_store/<type>.pt)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the metrics here")
+    parser.add_argument("--batch-size", type=int, default=64)
+    args = parser.parse_args(argv)
+    weights = args.weights or Path("model_store") / f"{args.type}.pt"
+    try:
+        samples = [s for s in read_samples(args.root, require_images=False) if s.path is not None]
+        if not samples:
+            raise FileNotFoundError(f"none of the images listed in {args.root}'s metadata is under it")
+        predictor = Predictor.from_checkpoint(weights)
+        if predictor.arch != args.type:
+            raise ValueError(f"{weights} holds a {predictor.arch}, not a {args.type}")
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    probs = predict_samples(predictor, samples, args.batch_size)
+    metrics = compute_metrics(np.array([s.label for s in samples]), probs)
+    metrics.update(model=args.type, weights=str(weights))
+    print(format_report(metrics))
+    if args.json:
+        args.json.write_text(json.dumps(metrics, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
