@@ -6,8 +6,6 @@
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import random
 import sys
 import time
@@ -24,7 +22,7 @@ from skinlesion.image import decode_image, normalize, resize
 from skinlesion.model import ARCHITECTURES, CLASS_CODES, DEFAULT_IMAGE_SIZE, build_model, load_checkpoint, save_checkpoint
 from skinlesion.predictor import Predictor
 from training.data import Sample, split_dataset
-from training.evaluate import compute_metrics, format_report, predict_samples
+from training.evaluate import compute_metrics, format_report, predict_samples, to_json
 from training.plots import plot_confusion, plot_curves
 
 
@@ -149,7 +147,14 @@ def train(args: argparse.Namespace) -> dict:
     args.modelname.parent.mkdir(parents=True, exist_ok=True)
     state = {"epoch": 0, "best": -1.0, "history": [], "seconds": 0.0}
     if args.resume and (run_dir / "last.pt").exists():
-        saved = torch.load(run_dir / "last.pt", map_location=args.device, weights_only=False)
+        # On the CPU: torch.set_rng_state accepts only a CPU tensor; load_state_dict moves the rest to the device.
+        saved = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=False)
+        if saved["scheduler"]["total_steps"] != scheduler.total_steps:
+            sys.exit(
+                f"error: {run_dir / 'last.pt'} continues a {saved['scheduler']['total_steps']}-step schedule, but this run has "
+                f"{scheduler.total_steps} steps ({args.epochs} epochs of {len(loader)} batches); resume with the same "
+                "--epochs, --batch-size and data, or start over without --resume"
+            )
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
@@ -213,7 +218,7 @@ def train(args: argparse.Namespace) -> dict:
         "test": test_metrics,
     }
     stem = args.modelname.with_suffix("")
-    Path(f"{stem}.json").write_text(json.dumps(report, indent=2, default=lambda x: None if math.isnan(x) else x) + "\n")
+    Path(f"{stem}.json").write_text(to_json(report))
     plot_confusion(test_metrics["confusion_matrix"], f"{stem}_confusion.png", f"{args.type} on the test split")
     plot_curves(state["history"], f"{stem}_curves.png", args.type)
     return report

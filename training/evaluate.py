@@ -83,6 +83,21 @@ def predict_samples(predictor: Predictor, samples: list[Sample], batch_size: int
     return np.concatenate(chunks) if chunks else np.zeros((0, len(CLASS_CODES)))
 
 
+def to_json(value: object) -> str:
+    """Strict JSON: metrics that are undefined here (NaN, e.g. a class absent from the data) become null."""
+
+    def clean(v: object) -> object:
+        if isinstance(v, float) and np.isnan(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [clean(x) for x in v]
+        return v
+
+    return json.dumps(clean(value), indent=2, allow_nan=False) + "\n"
+
+
 def format_report(metrics: dict) -> str:
     lines = [
         f"images                 {metrics['n_images']}",
@@ -100,7 +115,8 @@ def format_report(metrics: dict) -> str:
             f"{code:<6} {m['precision']:>9.3f} {m['recall']:>7.3f} {m['f1']:>6.3f} {m['auc']:>6.3f} {m['support']:>5}"
         )
     lines += ["", "confusion matrix (rows: true, columns: predicted)", "       " + " ".join(f"{c:>5}" for c in CLASS_CODES)]
-    lines += [f"{code:<6} " + " ".join(f"{n:>5}" for n in row) for code, row in zip(CLASS_CODES, metrics["confusion_matrix"], strict=True)]
+    rows = zip(CLASS_CODES, metrics["confusion_matrix"], strict=True)
+    lines += [f"{code:<6} " + " ".join(f"{n:>5}" for n in row) for code, row in rows]
     return "\n".join(lines)
 
 
@@ -128,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     metrics.update(model=args.type, weights=str(weights))
     print(format_report(metrics))
     if args.json:
-        args.json.write_text(json.dumps(metrics, indent=2) + "\n")
+        args.json.write_text(to_json(metrics))
     return 0
 
 

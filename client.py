@@ -1,0 +1,230 @@
+"""Command-line client for the skin-lesion service: classify images through POST /predict.
+
+    python client.py [--explain] [--precision Low|Medium|High] [--method lime|gradcam] [--out DIR]
+                     [--json] [--workers N] [--url URL] image|directory|glob [...]
+    python client.py --use-model resnet18|resnet34 [--management-url URL]
+
+Exit status: 0 when every image succeeded, 1 when any failed, 2 for usage errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import glob
+import json
+import os
+import re
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import requests
+from tqdm import tqdm
+
+DEFAULT_URL = "http://127.0.0.1:8089/predict"
+DEFAULT_MANAGEMENT_URL = "http://127.0.0.1:8081"
+# Seconds to wait for an answer: plain predictions, or explanations per precision. TorchServe gives
+# up after 180 s and nginx after 200 s, so for High the server reports its own timeout first.
+TIMEOUTS = {"plain": 30.0, "Low": 60.0, "Medium": 120.0, "High": 240.0}
+RETRY_STATUSES = (502, 503)
+BACKOFF = 0.5  # seconds before the first retry, doubled for each next one: 0.5, 1, 2
+# The server's choices (skinlesion.service, serve.py), repeated here so the client never imports torch.
+PRECISIONS = ("Low", "Medium", "High")
+METHODS = ("lime", "gradcam")
+MODELS = ("resnet18", "resnet34")
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
+
+
+class ClientError(Exception):
+    """The service could not be asked or did not answer usably; the message is one line for the user."""
+
+
+def encode_image(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def reason(exc: BaseException) -> str:
+    """'connection refused' rather than urllib3's nested repr."""
+    match = re.search(r"\[Errno -?\d+\] ([^'\")\]>]+)", str(exc))
+    return match.group(1).strip().lower() if match else type(exc).__name__
+
+
+def post_predict(url: str, image: bytes, explain: bool = False, precision: str = "Medium", method: str = "lime",
+                 timeout: float | None = None, retries: int = 3) -> dict:
+    """POST one image; returns the JSON envelope, success or failure. 502/503 answers and connection
+    errors are retried `retries` times with exponential backoff; other trouble raises ClientError."""
+    if timeout is None:
+        timeout = TIMEOUTS.get(precision.capitalize(), TIMEOUTS["High"]) if explain else TIMEOUTS["plain"]
+    body = {"image": encode_image(image), "explain": explain, "precision": precision, "method": method}
+    attempt = 0
+    while True:
+        try:
+            response = requests.post(url, json=body, timeout=timeout)
+        except requests.ConnectionError as exc:  # refused, reset, DNS, connect timeout
+            if attempt == retries:
+                raise ClientError(f"the service at {url} is unreachable ({reason(exc)}; tried {retries + 1} times)") from None
+        except requests.Timeout:
+            raise ClientError(f"the service at {url} did not answer within {timeout:g} s") from None
+        except requests.RequestException as exc:
+            raise ClientError(f"cannot send the request to {url}: {exc}") from None
+        else:
+            if response.status_code not in RETRY_STATUSES or attempt == retries:
+                return read_envelope(url, response)
+        time.sleep(BACKOFF * 2**attempt)
+        attempt += 1
+
+
+def read_envelope(url: str, response: requests.Response) -> dict:
+    """The answer's JSON object; anything without a "success" field becomes a failure envelope."""
+    answered = f"the service at {url} answered HTTP {response.status_code}"
+    try:
+        payload = response.json()
+    except ValueError:
+        raise ClientError(f"{answered} with a non-JSON body: {' '.join(response.text.split())[:80]!r}") from None
+    if not isinstance(payload, dict):
+        raise ClientError(f"{answered} with JSON that is not an object")
+    if "success" not in payload:  # e.g. TorchServe's own error format, when pointed at it directly
+        message = payload.get("message") or payload.get("error") or json.dumps(payload)[:200]
+        payload = {"success": False, "error": f"HTTP {response.status_code}: {message}"}
+    return payload
+
+
+def use_model(management_url: str, version: str) -> str:
+    """Make `version` the default of the "skin" model in TorchServe; returns the default it now reports."""
+    from serve import http_json, set_default  # here, not at the top: serve.py imports torch
+
+    management_url = management_url.rstrip("/")
+    try:
+        set_default(management_url, version)
+        status, described = http_json("GET", f"{management_url}/models/skin")
+    except (OSError, ValueError, RuntimeError) as exc:
+        detail = f"unreachable ({reason(exc)})" if isinstance(exc, OSError) else str(exc)
+        raise ClientError(f"cannot switch the model at {management_url}: {detail}") from None
+    if status == 200 and isinstance(described, list) and described:
+        return described[0].get("modelVersion", version)
+    return version
+
+
+def expand_inputs(args: list[str]) -> tuple[list[Path], list[str]]:
+    """Image paths for files, directories (their images) and globs; plus a message for each that found nothing."""
+    paths: list[Path] = []
+    problems: list[str] = []
+    for arg in args:
+        matches = sorted(glob.glob(arg)) if any(c in arg for c in "*?[") and not os.path.exists(arg) else [arg]
+        if not matches:
+            problems.append(f"{arg}: no files match this pattern")
+        for match in map(Path, matches):
+            if match.is_dir():
+                images = sorted(p for p in match.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+                if not images:
+                    problems.append(f"{match}: the directory holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+                paths += images
+            else:
+                paths.append(match)  # missing or unreadable files fail when read, with the reason
+    return list(dict.fromkeys(paths)), problems  # each file once, in the order given
+
+
+def classify_file(path: Path, args: argparse.Namespace) -> dict:
+    """The envelope for one file, with "file" added; reading and client errors become failure envelopes."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return {"file": str(path), "success": False, "error": "no such file"}
+    except OSError as exc:
+        return {"file": str(path), "success": False, "error": f"cannot read the file ({exc.strerror or exc})"}
+    try:
+        result = post_predict(args.url, data, args.explain, args.precision, args.method)
+    except ClientError as exc:
+        return {"file": str(path), "success": False, "error": str(exc)}
+    result = {"file": str(path), **result}
+    result.pop("explain", None)  # the HxWx3 pixel array: too big to print; --out saves the PNG instead
+    explanation = result.get("explanation")
+    if isinstance(explanation, dict) and "image_png" in explanation:
+        png = explanation.pop("image_png")
+        if args.out and png:
+            target = args.out / f"{path.stem}_explain.png"
+            try:
+                target.write_bytes(base64.b64decode(png))
+            except (OSError, ValueError) as exc:
+                return {**result, "success": False, "error": f"cannot save the explanation to {target}: {exc}"}
+            result["saved"] = str(target)
+    return result
+
+
+def print_table(results: list[dict]) -> None:
+    rows = [("file", "prediction", "probability", "top-3", "model")]
+    for r in results:
+        top = sorted(r.get("probabilities", {}).items(), key=lambda item: -item[1])[:3]
+        rows.append((r["file"], r.get("prediction", "?"), f"{r.get('probability', 0):.3f}",
+                     ", ".join(f"{name} {p:.2f}" for name, p in top), r.get("model", "?")))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    for r in results:
+        if "saved" in r:
+            print(f"{r['file']}: explanation saved to {r['saved']}")
+
+
+def positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, not {text!r}")
+    return int(text)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("images", nargs="*", help="image files, directories of images, or glob patterns")
+    parser.add_argument("--explain", action="store_true", help="also ask for an explanation of each prediction")
+    parser.add_argument("--precision", choices=PRECISIONS, default="Medium", help="explanation precision (slower when higher)")
+    parser.add_argument("--method", choices=METHODS, default="lime", help="explanation method")
+    parser.add_argument("--out", type=Path, metavar="DIR", help="directory for the explanation images (<image-stem>_explain.png)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object per image and line")
+    parser.add_argument("--workers", type=positive_int, default=1, metavar="N", help="concurrent requests (default 1)")
+    parser.add_argument("--url", default=os.environ.get("SKIN_API_URL", DEFAULT_URL), help="the /predict URL ($SKIN_API_URL)")
+    parser.add_argument("--use-model", choices=MODELS, help="switch the service's default model version first")
+    parser.add_argument("--management-url", default=os.environ.get("SKIN_MANAGEMENT_URL", DEFAULT_MANAGEMENT_URL),
+                        help="TorchServe's management API ($SKIN_MANAGEMENT_URL)")
+    args = parser.parse_args(argv)
+    if not args.images and not args.use_model:
+        parser.error("give at least one image, or --use-model")
+    if args.out and not args.explain:
+        parser.error("--out saves explanations: add --explain")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.use_model:
+        try:
+            current = use_model(args.management_url, args.use_model)
+        except ClientError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        print(f"default model: {current}", file=sys.stderr if args.images else sys.stdout)
+        if not args.images:
+            return 0
+    paths, problems = expand_inputs(args.images)
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+    results = []
+    with ThreadPoolExecutor(max_workers=args.workers) as pool:
+        answers = pool.map(lambda path: classify_file(path, args), paths)
+        for result in tqdm(answers, total=len(paths), unit="image", file=sys.stderr,
+                           disable=True if len(paths) < 2 else None):  # None: only on a terminal
+            results.append(result)
+            if not result.get("success"):
+                tqdm.write(f"error: {result['file']}: {result.get('error', 'unknown error')}", file=sys.stderr)
+            if args.json:
+                tqdm.write(json.dumps(result), file=sys.stdout)
+    succeeded = [r for r in results if r.get("success")]
+    if succeeded and not args.json:
+        print_table(succeeded)
+    return 0 if len(succeeded) == len(results) and not problems else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

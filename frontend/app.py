@@ -1,0 +1,116 @@
+"""Streamlit page for the skin-lesion classifier: upload images, see predictions and explanations.
+
+Run from the repo root: `streamlit run frontend/app.py` (port 8501). It talks to the /predict API
+over HTTP (env SKIN_API_URL) through client.py; it does not load the model.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import sys
+from pathlib import Path
+
+import altair as alt
+import pandas as pd
+import streamlit as st
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root, for client.py
+from client import ClientError, post_predict  # noqa: E402
+
+API_URL = os.environ.get("SKIN_API_URL", "http://127.0.0.1:8089/predict")
+
+# Rough server-side wait per image, in seconds, shown in the spinner.
+EXPECTED_SECONDS = {"predict": 1, "gradcam": 1, "Low": 5, "Medium": 15, "High": 40}
+METHODS = {"lime": "LIME", "gradcam": "Grad-CAM"}
+PRECISIONS = ("Low", "Medium", "High")
+
+
+def expected_seconds(explain: bool, method: str, precision: str) -> int:
+    if not explain:
+        return EXPECTED_SECONDS["predict"]
+    return EXPECTED_SECONDS["gradcam" if method == "gradcam" else precision]
+
+
+def classify(image: bytes, explain: bool, method: str, precision: str) -> dict:
+    """The server's envelope; successful answers are kept for the session so reruns don't ask again."""
+    key = (API_URL, hashlib.sha1(image).hexdigest(), explain, method if explain else "", precision if explain else "")
+    cache = st.session_state.setdefault("answers", {})
+    if key not in cache:
+        answer = post_predict(API_URL, image, explain=explain, precision=precision, method=method)
+        if not answer.get("success"):
+            return answer
+        cache[key] = answer
+    return cache[key]
+
+
+def show_result(answer: dict) -> None:
+    st.markdown(f"**{answer['prediction']}** — probability {answer['probability']:.1%}")
+    data = pd.DataFrame({"class": list(answer["probabilities"]), "probability": list(answer["probabilities"].values())})
+    chart = alt.Chart(data).mark_bar().encode(
+        x=alt.X("probability:Q", scale=alt.Scale(domain=[0, 1]), axis=alt.Axis(format="%")),
+        y=alt.Y("class:N", sort=None, title=None, axis=alt.Axis(labelLimit=300)),
+        tooltip=["class", alt.Tooltip("probability:Q", format=".1%")],
+    )
+    st.altair_chart(chart, width="stretch", height=260, alt="Probabilities of the 7 classes")
+    st.caption(f"model: {answer.get('model', '?')}")
+
+
+def show_explanation(answer: dict) -> None:
+    explanation = answer.get("explanation")
+    if not explanation or not explanation.get("image_png"):
+        st.warning("The server sent no explanation for this image.")
+        return
+    caption = f"{METHODS.get(explanation.get('method'), explanation.get('method'))} explanation"
+    if explanation.get("method") == "lime":
+        caption += f" ({explanation.get('precision')}, {explanation.get('num_samples')} samples)"
+    if explanation.get("seconds") is not None:
+        caption += f", {explanation['seconds']:.1f} s"
+    st.image(base64.b64decode(explanation["image_png"]), caption=caption, width="stretch", alt="Explanation overlay")
+
+
+st.set_page_config(page_title="Skin lesion classifier", layout="wide")
+st.title("Skin lesion classifier")
+st.warning("Research tool, not a diagnosis. Do not use it to make medical decisions; see a dermatologist.")
+
+with st.sidebar:
+    st.header("Options")
+    explain = st.toggle("Explain the prediction", value=False)
+    method = st.radio("Method", list(METHODS), format_func=METHODS.get, horizontal=True)
+    precision = st.radio("Precision (LIME)", PRECISIONS, index=1, horizontal=True, disabled=method == "gradcam")
+    st.caption(
+        "Expected wait per image: "
+        + ", ".join(f"{level} ~{EXPECTED_SECONDS[level]} s" for level in PRECISIONS)
+        + f"; Grad-CAM ~{EXPECTED_SECONDS['gradcam']} s."
+    )
+    st.caption(f"Server: `{API_URL}`")
+
+uploads = st.file_uploader("Dermatoscopic images (JPEG or PNG)", type=["jpg", "jpeg", "png"], accept_multiple_files=True)
+
+for upload in uploads or []:
+    st.subheader(upload.name)
+    image = upload.getvalue()
+    wait = expected_seconds(explain, method, precision)
+    with st.spinner(f"Asking the server about {upload.name} (expected wait ~{wait} s)...", show_time=True):
+        try:
+            answer = classify(image, explain, method, precision)
+        except ClientError as exc:
+            answer = {"success": False, "error": str(exc)}
+    columns = st.columns(3 if explain else 2)
+    columns[0].image(image, caption="Original", width="stretch")
+    if not answer.get("success"):
+        columns[1].error(f"Could not classify {upload.name}: {answer.get('error', 'no reason given')}")
+        continue
+    if explain:
+        with columns[1]:
+            show_explanation(answer)
+    with columns[-1]:
+        show_result(answer)
+
+st.divider()
+st.caption(
+    "Trained on HAM10000: Tschandl, P., Rosendahl, C. & Kittler, H. The HAM10000 dataset, a large collection of "
+    "multi-source dermatoscopic images of common pigmented skin lesions. Sci. Data 5, 180161 (2018), "
+    "doi:10.1038/sdata.2018.161. Licence: CC BY-NC 4.0 (non-commercial use only)."
+)

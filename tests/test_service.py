@@ -1,0 +1,92 @@
+"""The /predict contract in-process: request validation, the envelope, the predictor on a real ResNet."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import pytest
+from PIL import Image
+
+from skinlesion.image import decode_image
+from skinlesion.model import CLASS_NAMES
+from skinlesion.service import RequestError, parse_request, respond
+
+
+def jpeg_b64(size: tuple[int, int] = (120, 90)) -> str:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (180, 120, 90)).save(buffer, "JPEG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_defaults_and_normalisation() -> None:
+    request = parse_request({"image": jpeg_b64(), "precision": "hIgH", "method": "GradCAM"})
+    assert (request.explain, request.precision, request.method) == (False, "High", "gradcam")
+    assert parse_request({"image": jpeg_b64()}).precision == "Medium"
+
+
+def test_data_url_prefix_and_raw_bytes_body() -> None:
+    body = json.dumps({"image": "data:image/jpeg;base64," + jpeg_b64()}).encode()
+    assert parse_request(body).image[:2] == b"\xff\xd8"
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b"not json", "not valid JSON"),
+        (b"\xff\xfe\x00", "not UTF-8"),
+        (b"[" * 100_000 + b"]" * 100_000, "nested too deeply|not valid JSON"),
+        ([1, 2], "JSON object"),
+        ("text", "JSON object"),
+        (None, "JSON object"),
+        ({}, "'image' is required"),
+        ({"image": 5}, "'image' must be a base64 string, not a number"),
+        ({"image": ["a"]}, "not an array"),
+        ({"image": "@@@@"}, "not valid base64"),
+        ({"image": "abc"}, "not valid base64"),
+        ({"image": jpeg_b64(), "explain": "yes"}, "'explain' must be true or false"),
+        ({"image": jpeg_b64(), "explain": 1}, "'explain' must be true or false"),
+        ({"image": jpeg_b64(), "precision": "Ultra"}, "'precision' must be one of Low, Medium, High"),
+        ({"image": jpeg_b64(), "precision": 3}, "'precision' must be one of"),
+        ({"image": jpeg_b64(), "method": "shap"}, "'method' must be one of lime, gradcam"),
+    ],
+)
+def test_client_mistakes_raise_request_error(body, message: str) -> None:
+    with pytest.raises(RequestError, match=message) as error:
+        parse_request(body)
+    assert error.value.status == 400
+
+
+def test_predictor_returns_seven_probabilities_summing_to_one(predictor, fullres_images) -> None:
+    (result,) = predictor.predict([decode_image(fullres_images[0].read_bytes())])
+    assert list(result["probabilities"]) == list(CLASS_NAMES)
+    assert sum(result["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+    assert result["prediction"] == max(result["probabilities"], key=result["probabilities"].get)
+    assert result["probability"] == max(result["probabilities"].values())
+    assert result["model"] == "resnet18"
+
+
+def test_respond_batches_good_and_bad_bodies_independently(predictor) -> None:
+    good = {"image": jpeg_b64()}
+    answers = respond(predictor, [good, b"{", {"image": base64.b64encode(b"not an image").decode()}, good])
+    assert [status for status, _ in answers] == [200, 400, 400, 200]
+    assert answers[0][1] == answers[3][1] and answers[0][1]["success"] is True
+    for _, payload in answers[1:3]:
+        assert payload["success"] is False and payload["error"]
+    json.dumps([payload for _, payload in answers])  # TorchServe serializes with json.dumps
+
+
+def test_a_model_failure_is_a_500_envelope_and_not_an_exception(predictor, monkeypatch) -> None:
+    def broken(inputs, batch_size=64):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(predictor, "probabilities", broken)
+    [(status, payload)] = respond(predictor, [{"image": jpeg_b64()}])
+    assert status == 500 and payload["success"] is False
+
+
+def test_same_image_same_probabilities(predictor) -> None:
+    first = respond(predictor, [{"image": jpeg_b64()}])[0][1]["probabilities"]
+    second = respond(predictor, [{"image": jpeg_b64()}])[0][1]["probabilities"]
+    assert first == second

@@ -1,0 +1,400 @@
+"""Training and evaluation end to end on a tiny synthetic HAM10000, in both folder layouts.
+
+The original layout: HAM10000_metadata.csv + HAM10000_images_train/ + HAM10000_images_test/ (a lesion's images
+all on one side). The public-download layout: the metadata plus images in arbitrary folders, no test folder.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import training.__main__ as training_main
+from skinlesion.image import decode_image
+from skinlesion.model import CLASS_CODES, CLASS_NAMES
+from skinlesion.predictor import Predictor
+from training.__main__ import parse_args, train
+from training.data import TEST_FOLDER, TRAIN_FOLDER, grouped_split, read_samples, split_dataset
+from training.evaluate import compute_metrics, predict_samples
+from training.evaluate import main as evaluate_main
+
+COLUMNS = ("lesion_id", "image_id", "dx", "dx_type", "age", "sex", "localization")
+IMAGES_PER_LESION = (2, 1, 3, 1, 2)  # five lesions per class, 9 images per class, 63 in all
+LAYOUTS = ("original", "download")
+DOWNLOAD_FOLDERS = ("HAM10000_images_part_1", "HAM10000_images_part_2", "HAM10000_images_part_2/more")
+FAST = ["--type", "resnet18", "--image-size", "32", "48", "--batch-size", "8", "--workers", "0", "--no-amp",
+        "--device", "cpu", "--seed", "0"]
+
+
+# Tiny data sets make scikit-learn note what it would warn about on real ones; nothing here depends on it.
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:The least populated class in y has only:UserWarning"),
+    pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true:UserWarning"),
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """Train on one thread: beside a busy training job two threads wait on each other (10x slower here)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def write_dataset(root: Path, layout: str) -> list[dict[str, str]]:
+    """Small random 40x30 JPEGs (tinted by class) and their metadata; returns the metadata rows."""
+    rng = np.random.default_rng(0)
+    rows, n = [], 0
+    for k, code in enumerate(CLASS_CODES):
+        for j, count in enumerate(IMAGES_PER_LESION):
+            lesion = f"HAM_{k * 10 + j:07d}"
+            # original layout: each class's first lesion (2 images) goes to the test folder, the rest to train
+            folder = (TEST_FOLDER if j == 0 else TRAIN_FOLDER) if layout == "original" else None
+            for _ in range(count):
+                image_id = f"ISIC_{n:07d}"
+                target = root / (folder or DOWNLOAD_FOLDERS[n % len(DOWNLOAD_FOLDERS)])
+                target.mkdir(parents=True, exist_ok=True)
+                pixels = rng.integers(0, 256, (30, 40, 3)) * 0.5 + np.array([k * 18, 255 - k * 30, 60]) * 0.5
+                Image.fromarray(pixels.astype(np.uint8), "RGB").save(target / f"{image_id}.jpg", quality=90)
+                rows.append(dict(zip(COLUMNS, (lesion, image_id, code, "histo", "45.0", "female", "back"), strict=True)))
+                n += 1
+    write_metadata(root, rows)
+    return rows
+
+
+def write_metadata(root: Path, rows: list[dict[str, str]]) -> None:
+    with (root / "HAM10000_metadata.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def lesions(samples) -> set[str]:
+    return {s.lesion_id for s in samples}
+
+
+@dataclass
+class Trained:
+    root: Path
+    weights: Path
+    run_dir: Path
+    report: dict
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Trained:
+    """Two epochs, uninterrupted, on the original layout; everything written inside the temporary folder."""
+    base = tmp_path_factory.mktemp("trained")
+    write_dataset(base / "ham", "original")
+    weights = base / "out" / "resnet18.pt"
+    argv = [str(base / "ham"), *FAST, "--epochs", "2", "--modelname", str(weights), "--checkpoint-dir", str(base / "runs")]
+    report = train(parse_args(argv))
+    return Trained(base / "ham", weights, base / "runs" / "resnet18", report)
+
+
+# ---------------------------------------------------------------------------------------------- splits
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_read_samples_finds_every_image_in_either_layout(tmp_path: Path, layout: str) -> None:
+    rows = write_dataset(tmp_path, layout)
+    samples = read_samples(tmp_path)
+    assert [s.image_id for s in samples] == [r["image_id"] for r in rows]
+    assert [CLASS_CODES[s.label] for s in samples] == [r["dx"] for r in rows]
+    assert all(s.path.is_file() and s.path.stem == s.image_id for s in samples)
+    if layout == "download":  # found in every folder beneath, however deep
+        assert {s.path.parent.relative_to(tmp_path).as_posix() for s in samples} == set(DOWNLOAD_FOLDERS)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_split_never_puts_a_lesion_on_two_sides(tmp_path: Path, layout: str) -> None:
+    rows = write_dataset(tmp_path, layout)
+    train_set, val_set, test_set = split_dataset(tmp_path, seed=0)
+    sides = [train_set, val_set, test_set]
+    assert all(sides), "every side gets some images"
+    ids = [s.image_id for side in sides for s in side]
+    assert sorted(ids) == sorted(r["image_id"] for r in rows)  # every sample on exactly one side
+    assert not lesions(train_set) & lesions(val_set)
+    assert not lesions(train_set) & lesions(test_set)
+    assert not lesions(val_set) & lesions(test_set)
+    if layout == "original":  # the test side is exactly the test folder
+        assert {s.image_id for s in test_set} == {p.stem for p in (tmp_path / TEST_FOLDER).iterdir()}
+    assert split_dataset(tmp_path, seed=0) == (train_set, val_set, test_set)  # reproducible
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("fraction", [0.15, 0.2, 0.5])
+def test_grouped_split_keeps_lesions_whole(tmp_path: Path, layout: str, fraction: float) -> None:
+    write_dataset(tmp_path, layout)
+    samples = read_samples(tmp_path)
+    keep, held = grouped_split(samples, fraction, seed=3)
+    assert keep and held
+    assert sorted(s.image_id for s in keep + held) == sorted(s.image_id for s in samples)
+    assert not lesions(keep) & lesions(held)
+    # multi-image lesions really are kept together, not just absent from one side
+    by_lesion = {}
+    for s in samples:
+        by_lesion.setdefault(s.lesion_id, set()).add(s.image_id)
+    held_ids = {s.image_id for s in held}
+    assert all(ids <= held_ids or not ids & held_ids for ids in by_lesion.values())
+    assert 0.5 * fraction <= len(held) / len(samples) <= 2 * fraction
+
+
+def test_lesion_in_both_train_and_test_folders_is_an_error(tmp_path: Path) -> None:
+    rows = write_dataset(tmp_path, "original")
+    lesion = rows[0]["lesion_id"]  # two images, both in the test folder: move one to train
+    moved = [r["image_id"] for r in rows if r["lesion_id"] == lesion][1]
+    shutil.move(tmp_path / TEST_FOLDER / f"{moved}.jpg", tmp_path / TRAIN_FOLDER / f"{moved}.jpg")
+    with pytest.raises(ValueError, match="1 lesion.* both sides"):
+        split_dataset(tmp_path, seed=0)
+
+
+# ------------------------------------------------------------------------------------ clear errors
+
+
+def fast_args(root: Path, tmp_path: Path, *extra: str):
+    return parse_args([str(root), *FAST, "--epochs", "1", "--modelname", str(tmp_path / "out" / "resnet18.pt"),
+                       "--checkpoint-dir", str(tmp_path / "runs"), *extra])
+
+
+def test_missing_metadata_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write_dataset(tmp_path / "ham", "download")
+    (tmp_path / "ham" / "HAM10000_metadata.csv").unlink()
+    with pytest.raises(FileNotFoundError, match=r"no metadata file in .*ham: expected one of HAM10000_metadata\.csv"):
+        train(fast_args(tmp_path / "ham", tmp_path))
+    assert not (tmp_path / "out").exists()
+    assert evaluate_main([str(tmp_path / "ham"), "--type", "resnet18", "--weights", str(tmp_path / "none.pt")]) == 2
+    assert "error: no metadata file in" in capsys.readouterr().err
+
+
+def test_listed_but_absent_image_is_a_clear_error(tmp_path: Path) -> None:
+    rows = write_dataset(tmp_path / "ham", "original")
+    gone = rows[20]["image_id"]
+    next((tmp_path / "ham").rglob(f"{gone}.jpg")).unlink()
+    with pytest.raises(FileNotFoundError, match=rf"1 image\(s\) listed in .*HAM10000_metadata\.csv are not under .*: {gone}$"):
+        train(fast_args(tmp_path / "ham", tmp_path))
+    assert not (tmp_path / "out").exists()
+
+
+def test_many_absent_images_are_listed_briefly(tmp_path: Path) -> None:
+    rows = write_dataset(tmp_path, "download")
+    for row in rows[:7]:
+        next(tmp_path.rglob(f"{row['image_id']}.jpg")).unlink()
+    with pytest.raises(FileNotFoundError) as info:
+        read_samples(tmp_path)
+    message = str(info.value)
+    assert message.startswith("7 image(s) listed in") and message.endswith(" ...")
+    assert all(r["image_id"] in message for r in rows[:5]) and rows[6]["image_id"] not in message
+
+
+def test_unknown_class_code_names_the_code_and_the_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rows = write_dataset(tmp_path / "ham", "original")
+    rows[10]["dx"] = "melanoma"  # data row 11 is line 12 of the file (after the header)
+    write_metadata(tmp_path / "ham", rows)
+    with pytest.raises(ValueError, match=r"HAM10000_metadata\.csv, line 12: unknown class code 'melanoma' \(known: akiec, bcc"):
+        train(fast_args(tmp_path / "ham", tmp_path))
+    assert evaluate_main([str(tmp_path / "ham"), "--type", "resnet18", "--weights", str(tmp_path / "none.pt")]) == 2
+    assert "line 12: unknown class code 'melanoma'" in capsys.readouterr().err
+
+
+def test_missing_metadata_column_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "metadata.csv").write_text("lesion_id,image,dx\nHAM_1,ISIC_1,mel\n")
+    with pytest.raises(ValueError, match=r"metadata\.csv: missing column\(s\) image_id"):
+        read_samples(tmp_path)
+
+
+# ----------------------------------------------------------------------------------------- training
+
+
+def test_training_writes_weights_the_predictor_serves(trained: Trained) -> None:
+    predictor = Predictor.from_checkpoint(trained.weights)
+    assert predictor.arch == "resnet18" and predictor.image_size == (32, 48)
+    image = decode_image(next((trained.root / TEST_FOLDER).iterdir()).read_bytes())
+    [result] = predictor.predict([image])
+    assert list(result["probabilities"]) == list(CLASS_NAMES)
+    assert sum(result["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+    assert all(0.0 <= p <= 1.0 for p in result["probabilities"].values())
+    assert result["prediction"] == max(result["probabilities"], key=result["probabilities"].get)
+
+
+def test_training_writes_report_and_figures_beside_the_weights(trained: Trained) -> None:
+    stem = trained.weights.with_suffix("")
+    saved = json.loads(Path(f"{stem}.json").read_text())
+    assert saved["model"] == "resnet18" and saved["weights"] == str(trained.weights)
+    n_test = len(list((trained.root / TEST_FOLDER).iterdir()))
+    assert n_test == 2 * len(CLASS_CODES)
+    assert saved["images"]["test"] == n_test
+    assert sum(saved["images"].values()) == sum(IMAGES_PER_LESION) * len(CLASS_CODES) == 63
+    assert [row["epoch"] for row in saved["history"]] == [1, 2]
+    assert set(saved["history"][0]) == {"epoch", "loss", "accuracy", "val_loss", "val_accuracy", "val_balanced_accuracy"}
+    assert saved["best_epoch"] == max(saved["history"], key=lambda r: r["val_balanced_accuracy"])
+    test = saved["test"]
+    assert test["n_images"] == n_test and np.array(test["confusion_matrix"]).sum() == n_test
+    assert [c["support"] for c in test["per_class"].values()] == [2] * len(CLASS_CODES)
+    assert saved["arguments"]["image_size"] == [32, 48] and saved["arguments"]["epochs"] == 2
+    for suffix in ("_confusion.png", "_curves.png"):
+        with Image.open(f"{stem}{suffix}") as figure:
+            assert figure.format == "PNG" and figure.width > 200 and figure.height > 200
+    # nothing was written outside the temporary folder: the run's checkpoint sits in --checkpoint-dir
+    assert (trained.run_dir / "last.pt").is_file()
+
+
+def test_report_test_metrics_match_the_saved_weights(trained: Trained) -> None:
+    """The report's test numbers are the saved weights' on the test folder, scored as the server would."""
+    _, _, test_set = split_dataset(trained.root, seed=0)
+    probs = predict_samples(Predictor.from_checkpoint(trained.weights), test_set)
+    expected = compute_metrics(np.array([s.label for s in test_set]), probs)
+    assert trained.report["test"]["confusion_matrix"] == expected["confusion_matrix"]
+    assert trained.report["test"]["accuracy"] == pytest.approx(expected["accuracy"])
+
+
+def test_one_epoch_on_the_download_layout(tmp_path: Path) -> None:
+    rows = write_dataset(tmp_path / "ham", "download")
+    report = train(fast_args(tmp_path / "ham", tmp_path))
+    weights = tmp_path / "out" / "resnet18.pt"
+    assert [row["epoch"] for row in report["history"]] == [1]
+    assert sum(report["images"].values()) == len(rows)
+    assert report["test"]["n_images"] == report["images"]["test"] > 0
+    for name in ("resnet18.pt", "resnet18.json", "resnet18_confusion.png", "resnet18_curves.png"):
+        assert (tmp_path / "out" / name).stat().st_size > 0
+    probs = Predictor.from_checkpoint(weights).probabilities(torch.zeros(3, 3, 32, 48))
+    assert probs.shape == (3, len(CLASS_CODES)) and torch.allclose(probs.sum(1), torch.ones(3))
+
+
+def test_resume_continues_after_an_interruption(trained: Trained, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """Interrupt epoch 2 of 2 after epoch 1's checkpoint; --resume finishes exactly as the uninterrupted run did."""
+    validate, calls = training_main.validate, []
+
+    def interrupted_in_epoch_two(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return validate(*args, **kwargs)
+
+    monkeypatch.setattr(training_main, "validate", interrupted_in_epoch_two)
+    argv = [str(trained.root), *FAST, "--epochs", "2", "--modelname", str(tmp_path / "out" / "resnet18.pt"),
+            "--checkpoint-dir", str(tmp_path / "runs")]
+    with pytest.raises(KeyboardInterrupt):
+        train(parse_args(argv))
+    saved = torch.load(tmp_path / "runs" / "resnet18" / "last.pt", weights_only=False)
+    assert saved["state"]["epoch"] == 1 and len(saved["state"]["history"]) == 1
+    assert not (tmp_path / "out" / "resnet18.json").exists()
+
+    monkeypatch.setattr(training_main, "validate", validate)
+    capsys.readouterr()
+    report = train(parse_args([*argv, "--resume"]))
+    output = capsys.readouterr().out
+    assert f"resumed after epoch 1 from {tmp_path / 'runs' / 'resnet18' / 'last.pt'}" in output
+    assert "epoch   2/2" in output and "epoch   1/2" not in output  # only the missing epoch is trained
+    assert [row["epoch"] for row in report["history"]] == [1, 2]
+    assert torch.load(tmp_path / "runs" / "resnet18" / "last.pt", weights_only=False)["state"]["epoch"] == 2
+    # model, optimizer, schedule and random state all came back: the same numbers as without the interruption
+    for resumed, uninterrupted in zip(report["history"], trained.report["history"], strict=True):
+        assert resumed == pytest.approx(uninterrupted, rel=1e-4, abs=1e-5)
+    assert report["test"]["confusion_matrix"] == trained.report["test"]["confusion_matrix"]
+
+    capsys.readouterr()  # resuming a finished run trains nothing more
+    again = train(parse_args([*argv, "--resume"]))
+    output = capsys.readouterr().out
+    assert "resumed after epoch 2" in output and "epoch   2/2" not in output
+    assert again["history"] == report["history"]
+
+
+def test_resume_with_a_different_schedule_is_a_clear_error(trained: Trained, tmp_path: Path) -> None:
+    """The one-cycle schedule is fixed by --epochs: continuing it for more epochs used to crash mid-run."""
+    (tmp_path / "runs" / "resnet18").mkdir(parents=True)
+    shutil.copy(trained.run_dir / "last.pt", tmp_path / "runs" / "resnet18" / "last.pt")
+    steps = torch.load(trained.run_dir / "last.pt", weights_only=False)["scheduler"]["total_steps"]
+    per_epoch = steps // 2
+    with pytest.raises(SystemExit, match=rf"continues a {steps}-step schedule, but this run has {3 * per_epoch} steps "
+                                         rf"\(3 epochs of {per_epoch} batches\); resume with the same --epochs"):
+        train(fast_args(trained.root, tmp_path, "--epochs", "3", "--resume"))
+    assert not (tmp_path / "out" / "resnet18.pt").exists()
+
+
+# ---------------------------------------------------------------------------------------- evaluation
+
+
+def test_metrics_on_a_hand_made_case() -> None:
+    akiec, bcc, bkl, df, mel, nv, vasc = range(7)
+    labels = np.array([mel, mel, mel, mel, nv, nv, nv, nv, nv, bcc])
+    preds = np.array([mel, mel, mel, nv, nv, nv, nv, mel, nv, bcc])
+    probs = np.full((10, 7), 0.05)
+    probs[np.arange(10), preds] = 0.7  # every row sums to 1, the prediction at 0.7
+
+    m = compute_metrics(labels, probs)
+
+    assert m["n_images"] == 10
+    assert m["accuracy"] == pytest.approx(0.8)  # 3 + 4 + 1 right
+    assert m["balanced_accuracy"] == pytest.approx((3 / 4 + 4 / 5 + 1) / 3)  # over the classes present
+    expected = np.zeros((7, 7), dtype=int)
+    expected[mel, mel], expected[mel, nv], expected[nv, nv], expected[nv, mel], expected[bcc, bcc] = 3, 1, 4, 1, 1
+    assert m["confusion_matrix"] == expected.tolist()
+    assert m["classes"] == list(CLASS_CODES)
+    pc = m["per_class"]
+    assert (pc["mel"]["recall"], pc["mel"]["precision"], pc["mel"]["f1"]) == pytest.approx((0.75, 0.75, 0.75))
+    assert (pc["nv"]["recall"], pc["nv"]["precision"]) == pytest.approx((0.8, 0.8))
+    assert (pc["bcc"]["recall"], pc["bcc"]["precision"]) == pytest.approx((1.0, 1.0))
+    assert [pc[c]["support"] for c in CLASS_CODES] == [0, 1, 0, 0, 4, 5, 0]
+    assert all(pc[c]["recall"] == pc[c]["precision"] == 0 for c in ("akiec", "bkl", "df", "vasc"))
+    assert m["melanoma_sensitivity"] == pytest.approx(3 / 4)
+    assert m["melanoma_specificity"] == pytest.approx(5 / 6)  # 6 non-melanomas, one called melanoma
+    # one-vs-rest AUC with ties counted half: mel (15 + 8/2) / 24 pairs, nv (16 + 8/2) / 25, bcc separates perfectly
+    assert pc["mel"]["auc"] == pytest.approx(19 / 24)
+    assert pc["nv"]["auc"] == pytest.approx(20 / 25)
+    assert pc["bcc"]["auc"] == pytest.approx(1.0)
+    assert np.isnan(pc["df"]["auc"])
+    assert m["macro_auc"] == pytest.approx((19 / 24 + 20 / 25 + 1.0) / 3)
+    assert m["expected_calibration_error"] == pytest.approx(0.1)  # confidence 0.7 everywhere, accuracy 0.8
+
+
+def test_metrics_without_melanoma_cases() -> None:
+    labels = np.array([0, 1, 5, 5])
+    probs = np.eye(7)[[0, 4, 5, 5]]  # the bcc is called melanoma
+    m = compute_metrics(labels, probs)
+    assert np.isnan(m["melanoma_sensitivity"])
+    assert m["melanoma_specificity"] == pytest.approx(3 / 4)
+    assert m["accuracy"] == pytest.approx(3 / 4) and m["per_class"]["mel"]["precision"] == 0
+
+
+def test_evaluate_cli_scores_every_image_it_finds(trained: Trained, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rows = write_dataset(tmp_path / "ham", "download")
+    absent = {rows[3]["image_id"], rows[40]["image_id"]}
+    for image_id in absent:  # listed but absent: skipped, not an error
+        next((tmp_path / "ham").rglob(f"{image_id}.jpg")).unlink()
+    out = tmp_path / "metrics.json"
+
+    code = evaluate_main([str(tmp_path / "ham"), "--type", "resnet18", "--weights", str(trained.weights), "--json", str(out)])
+
+    assert code == 0
+    metrics = json.loads(out.read_text())
+    assert {"accuracy", "balanced_accuracy", "macro_auc", "per_class", "confusion_matrix", "n_images"} <= set(metrics)
+    assert metrics["n_images"] == len(rows) - len(absent) == 61
+    assert np.array(metrics["confusion_matrix"]).sum() == 61
+    assert [metrics["per_class"][c]["support"] for c in CLASS_CODES] == [
+        sum(r["dx"] == c and r["image_id"] not in absent for r in rows) for c in CLASS_CODES
+    ]
+    # the same numbers as scoring the found images directly with the serving predictor
+    samples = [s for s in read_samples(tmp_path / "ham", require_images=False) if s.path is not None]
+    probs = predict_samples(Predictor.from_checkpoint(trained.weights), samples)
+    expected = compute_metrics(np.array([s.label for s in samples]), probs)
+    assert metrics["confusion_matrix"] == expected["confusion_matrix"]
+    assert metrics["accuracy"] == pytest.approx(expected["accuracy"])
+    assert metrics["macro_auc"] == pytest.approx(expected["macro_auc"])
+    assert "images                 61" in capsys.readouterr().out
+
+
+def test_evaluate_cli_rejects_the_wrong_architecture(trained: Trained, capsys: pytest.CaptureFixture[str]) -> None:
+    assert evaluate_main([str(trained.root), "--type", "resnet34", "--weights", str(trained.weights)]) == 2
+    assert "holds a resnet18, not a resnet34" in capsys.readouterr().err
