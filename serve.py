@@ -58,6 +58,7 @@ def torchserve_env(run_dir: Path, ports: dict[str, int]) -> dict[str, str]:
         TS_GRPC_INFERENCE_PORT=str(ports["grpc"]),
         TS_GRPC_MANAGEMENT_PORT=str(ports["grpc"] + 1),
         PYTHONPATH=str(ROOT),
+        TQDM_DISABLE="1",  # lime draws a progress bar per explanation into the worker log
     )
     return env
 

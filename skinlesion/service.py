@@ -14,13 +14,16 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from PIL import Image
+
+from skinlesion.explain import METHODS, PRECISION_SETTINGS, explanation_payload
 from skinlesion.image import ImageError, decode_image
+from skinlesion.model import CLASS_NAMES
 from skinlesion.predictor import Predictor
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("Low", "Medium", "High")
-METHODS = ("lime", "gradcam")
+PRECISIONS = tuple(PRECISION_SETTINGS)
 DATA_URL_PREFIX = re.compile(r"^data:image/[A-Za-z0-9.+-]+;base64,")
 
 
@@ -92,27 +95,29 @@ def json_type(value: Any) -> str:
 def respond(predictor: Predictor, bodies: list[Any]) -> list[tuple[int, dict]]:
     """(HTTP status, JSON payload) for each body; valid images are classified as one batch."""
     answers: list[tuple[int, dict] | None] = [None] * len(bodies)
-    requests, images, positions = [], [], []
+    accepted: list[tuple[int, PredictRequest, Image.Image]] = []
     for i, body in enumerate(bodies):
         try:
             request = parse_request(body)
-            images.append(decode_image(request.image))
+            accepted.append((i, request, decode_image(request.image)))
         except (RequestError, ImageError) as exc:
             answers[i] = (getattr(exc, "status", 400), failure(str(exc)))
-            continue
-        requests.append(request)
-        positions.append(i)
-    if images:
-        try:
-            results = predictor.predict(images)
-        except Exception:
-            log.exception("prediction failed")
-            results = None
-        for i, request, result in zip(positions, requests, results or [None] * len(positions), strict=True):
-            if result is None:
-                answers[i] = (500, failure("the model failed on this image; the error is in the server log"))
-            elif request.explain:
-                answers[i] = (501, failure("explanations are not available in this version of the service"))
-            else:
-                answers[i] = (200, {"success": True, **result})
+    if not accepted:
+        return answers
+    try:
+        results = predictor.predict([image for _, _, image in accepted])
+    except Exception:
+        log.exception("prediction failed")
+        for i, _, _ in accepted:
+            answers[i] = (500, failure("the model failed on this image; the error is in the server log"))
+        return answers
+    for (i, request, image), result in zip(accepted, results, strict=True):
+        answers[i] = (200, {"success": True, **result})
+        if request.explain:
+            try:
+                label = CLASS_NAMES.index(result["prediction"])
+                answers[i][1].update(explanation_payload(predictor, image, label, request.method, request.precision))
+            except Exception:
+                log.exception("explanation failed")
+                answers[i] = (500, failure("the explanation failed on this image; the error is in the server log"))
     return answers

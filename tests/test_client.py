@@ -62,7 +62,6 @@ def test_a_directory_is_expanded_to_its_images(service, fullres_images, tmp_path
     assert [Path(json.loads(line)["file"]).name for line in result.stdout.splitlines()] == [p.name for p in fullres_images[:2]]
 
 
-@pytest.mark.xfail(reason="the service answers 501 for explain until explanations are implemented", strict=False)
 def test_explain_writes_the_explanation_png(service, fullres_images, tmp_path: Path) -> None:
     image = fullres_images[0]
     result = run_client("--url", service.predict_url, "--explain", "--precision", "Low", "--out", str(tmp_path), str(image),

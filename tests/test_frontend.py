@@ -124,7 +124,6 @@ def test_upload_shows_prediction_and_chart(page: Page, app_url: str, fullres_ima
     expect(page.get_by_text("CC BY-NC 4.0")).to_be_visible()
 
 
-@pytest.mark.xfail(reason="explain not wired yet", strict=False)
 def test_explain_shows_overlay(page: Page, app_url: str, fullres_images: list[Path]) -> None:
     open_and_upload(page, app_url, fullres_images[1])
     expect_prediction(page)

@@ -120,3 +120,15 @@ def test_torchserve_down_gets_a_fast_envelope_and_comes_back(service, image_b64)
     finally:
         service.start()
     assert post(service, {"image": image_b64}).json()["success"] is True
+
+
+@pytest.mark.parametrize("method", ["lime", "gradcam"])
+def test_explain_at_low_returns_both_fields(service, image_b64, method: str) -> None:
+    response = post(service, {"image": image_b64, "explain": True, "precision": "Low", "method": method}, timeout=180)
+    assert response.status_code == 200, response.text[:300]
+    body = response.json()
+    pixels = body["explain"]
+    assert max(len(pixels), len(pixels[0])) <= 300 and len(pixels[0][0]) == 3
+    assert body["explanation"]["method"] == method and body["explanation"]["label"] == body["prediction"]
+    png = base64.b64decode(body["explanation"]["image_png"])
+    assert png.startswith(b"\x89PNG")

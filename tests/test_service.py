@@ -90,3 +90,22 @@ def test_same_image_same_probabilities(predictor) -> None:
     first = respond(predictor, [{"image": jpeg_b64()}])[0][1]["probabilities"]
     second = respond(predictor, [{"image": jpeg_b64()}])[0][1]["probabilities"]
     assert first == second
+
+
+def test_explain_adds_both_fields_for_the_predicted_class(predictor) -> None:
+    [(status, payload)] = respond(predictor, [{"image": jpeg_b64(), "explain": True, "method": "gradcam"}])
+    assert status == 200 and payload["success"] is True
+    assert payload["explanation"]["label"] == payload["prediction"]
+    assert len(payload["explain"]) == 90 and len(payload["explain"][0]) == 120  # original size, under 300 px
+    json.dumps(payload)
+
+
+def test_a_failing_explanation_is_a_500_envelope(predictor, monkeypatch) -> None:
+    import skinlesion.service
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(skinlesion.service, "explanation_payload", broken)
+    [(status, payload)] = respond(predictor, [{"image": jpeg_b64(), "explain": True}])
+    assert status == 500 and payload == {"success": False, "error": payload["error"]}
