@@ -130,8 +130,18 @@ def start_nginx(run_dir: Path, listen: str, upstreams: list[str]) -> Path:
     log_dir = run_dir / "nginx"
     log_dir.mkdir(parents=True, exist_ok=True)
     conf.write_text(render_nginx_conf(listen, upstreams, run_dir, log_dir))
-    subprocess.run([nginx, "-c", str(conf), "-e", str(log_dir / "error.log")], check=True)
+    command = [nginx, "-c", str(conf), "-e", str(log_dir / "error.log")]
+    # Restarting TorchServe alone leaves nginx up: reload its configuration instead of a second bind.
+    subprocess.run(command + (["-s", "reload"] if nginx_running(run_dir) else []), check=True)
     return conf
+
+
+def nginx_running(run_dir: Path) -> bool:
+    try:
+        os.kill(int((run_dir / "nginx.pid").read_text()), 0)
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def stop_nginx(run_dir: Path) -> None:
