@@ -74,11 +74,11 @@ class Service:
 
     def start(self) -> None:
         subprocess.run([sys.executable, str(ROOT / "serve.py"), "start", *self.start_args], check=True,
-                       capture_output=True, timeout=300)
+                       capture_output=True, timeout=600)
 
     def stop(self) -> None:
         subprocess.run([sys.executable, str(ROOT / "serve.py"), "stop", "--run-dir", str(self.run_dir)],
-                       check=True, capture_output=True, timeout=120)
+                       check=True, capture_output=True, timeout=300)
 
 
 @pytest.fixture(scope="session")
