@@ -119,7 +119,8 @@ def start_torchserve(run_dir: Path, model_store: Path, ports: dict[str, int], de
 
 
 def stop_torchserve(run_dir: Path) -> None:
-    env = torchserve_env(run_dir, DEFAULT_PORTS | {"inference": 0, "management": 0, "metrics": 0, "grpc": 0})
+    # `torchserve --stop` finds the instance by the pid file in its TMPDIR; ports don't matter here.
+    env = dict(os.environ, TMPDIR=str(run_dir / "tmp"))
     subprocess.run([str(Path(sys.executable).parent / "torchserve"), "--stop"], env=env, cwd=run_dir,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
 
