@@ -56,6 +56,9 @@ def parse_body(body: Any) -> dict:
             raise RequestError("the body is not UTF-8 text; send a JSON object") from None
         except json.JSONDecodeError as exc:
             raise RequestError(f"the body is not valid JSON ({exc.msg} at position {exc.pos})") from None
+        except ValueError as exc:
+            # Integers over Python's 4,300-digit limit raise a plain ValueError, not a JSONDecodeError.
+            raise RequestError(f"the body is not usable JSON ({str(exc).split(':')[0]})") from None
         except RecursionError:
             raise RequestError("the body is JSON nested too deeply") from None
     if not isinstance(body, dict):
