@@ -1,0 +1,329 @@
+"""Hostile input through the request path in-process (respond with a real Predictor): arbitrary bodies,
+wrong types, unicode, deep nesting, corrupted and forged images, decompression bombs, animations.
+
+The property: every body ends as an envelope, 200 for a real image and 400 (or 413) otherwise; nothing
+raises out of respond(), nothing answers 5xx, and bombs are refused without their memory being spent.
+Hypothesis uses the "ci" profile (derandomized, no deadline, few examples) unless HYPOTHESIS_PROFILE=dev
+asks for a longer random search. Decoder cases that test_image.py already pins are not repeated here.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import re
+import struct
+import subprocess
+import sys
+import textwrap
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image, PngImagePlugin
+
+from skinlesion.image import MAX_IMAGE_PIXELS, MIN_IMAGE_SIDE, ImageError, decode_image
+from skinlesion.model import CLASS_NAMES
+from skinlesion.service import METHODS, PRECISIONS, respond
+
+ROOT = Path(__file__).resolve().parent.parent
+
+settings.register_profile("ci", max_examples=40, deadline=None, derandomize=True, database=None,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("dev", max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def encode(image: Image.Image, fmt: str, **params) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **params)
+    return buffer.getvalue()
+
+
+def photo(size: tuple[int, int] = (40, 32)) -> Image.Image:
+    """A small RGB image with structure, so that every encoder produces real entropy-coded data."""
+    rng = np.random.default_rng(0)
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8), "RGB")
+
+
+SEEDS = {fmt: encode(photo(), fmt) for fmt in ("JPEG", "PNG", "WEBP", "BMP", "TIFF")}
+JPEG_B64 = base64.b64encode(SEEDS["JPEG"]).decode()
+
+
+def answer(predictor, body) -> tuple[int, dict]:
+    [(status, payload)] = respond(predictor, [body])
+    json.dumps(payload)  # TorchServe serializes the payload with json.dumps
+    return status, payload
+
+
+def assert_refused(status: int, payload: dict) -> None:
+    assert status in (400, 413)
+    assert payload == {"success": False, "error": payload["error"]}
+    assert isinstance(payload["error"], str) and payload["error"]
+
+
+def assert_enveloped(status: int, payload: dict) -> None:
+    """Either a real prediction or a client-error envelope: never a 5xx."""
+    if status == 200:
+        assert payload["success"] is True and payload["prediction"] in CLASS_NAMES
+    else:
+        assert_refused(status, payload)
+
+
+json_scalars = (st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False)
+                | st.text(max_size=20) | st.sampled_from(["", "A" * 4, "data:image/png;base64,", "\u0000", "\ud7ff\ufffd"]))
+json_values = st.recursive(json_scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner,
+                                                                                                       max_size=4), max_leaves=12)
+# Strings that look like valid choices to a person but must not be to the parser.
+near_misses = st.sampled_from(["low ", " Low", "LOW\x00", "L\u043ew", "\uff2c\uff4f\uff57", "gradcam\n", "GRAD-CAM", "lime;",
+                               "medium\u200b", "H\u0131gh", "HIGH\u0307", "", "null", "true"])
+
+
+@given(st.binary(max_size=4096))
+def test_arbitrary_bytes_are_a_400_envelope(predictor, body: bytes) -> None:
+    assert_refused(*answer(predictor, body))
+
+
+@given(json_values, st.booleans())
+def test_any_json_document_without_an_image_string_is_a_400_envelope(predictor, document, ascii_only: bool) -> None:
+    if isinstance(document, dict) and isinstance(document.get("image"), str):
+        document = {**document, "image": None}
+    status, payload = answer(predictor, json.dumps(document, ensure_ascii=ascii_only).encode())
+    assert_refused(status, payload)
+
+
+@given(st.sampled_from(["explain", "precision", "method"]), json_values | near_misses)
+def test_a_wrong_value_in_any_option_is_a_400_naming_the_field(predictor, field: str, value) -> None:
+    valid = {"explain": isinstance(value, bool),
+             "precision": isinstance(value, str) and value.capitalize() in PRECISIONS,
+             "method": isinstance(value, str) and value.lower() in METHODS}[field]
+    status, payload = answer(predictor, json.dumps({"image": JPEG_B64, field: value}).encode())
+    if valid:  # a case-variant of a real choice, e.g. "hIgH": the prediction is made
+        assert status == 200
+    else:
+        assert_refused(status, payload)
+        assert f"'{field}'" in payload["error"]
+
+
+@given(st.text(max_size=200))
+def test_unicode_in_the_image_field_is_a_400_envelope(predictor, text: str) -> None:
+    assert_refused(*answer(predictor, json.dumps({"image": "\u00e9" + text}, ensure_ascii=False).encode()))
+
+
+@given(st.binary(max_size=2048))
+def test_base64_of_arbitrary_bytes_is_a_400_envelope(predictor, data: bytes) -> None:
+    status, payload = answer(predictor, {"image": base64.b64encode(data).decode()})
+    assert_refused(status, payload)
+
+
+@st.composite
+def corrupted_images(draw) -> bytes:
+    """A small real image with a few truncations, bit flips, insertions and deletions."""
+    data = bytearray(SEEDS[draw(st.sampled_from(sorted(SEEDS)))])
+    for _ in range(draw(st.integers(1, 4))):
+        at = draw(st.integers(0, len(data)))
+        operation = draw(st.sampled_from(["truncate", "flip", "insert", "delete"]))
+        if operation == "truncate":
+            del data[at:]
+        elif operation == "flip" and at < len(data):
+            data[at] ^= 1 << draw(st.integers(0, 7))
+        elif operation == "insert":
+            data[at:at] = draw(st.binary(min_size=1, max_size=16))
+        else:
+            del data[at:at + draw(st.integers(1, 64))]
+    return bytes(data)
+
+
+@given(corrupted_images())
+def test_corrupted_images_decode_or_are_refused(predictor, data: bytes) -> None:
+    try:
+        image = decode_image(data)
+    except ImageError:
+        pass
+    else:
+        assert image.mode == "RGB" and min(image.size) >= MIN_IMAGE_SIDE
+        assert image.width * image.height <= MAX_IMAGE_PIXELS
+    assert_enveloped(*answer(predictor, {"image": base64.b64encode(data).decode()}))
+
+
+@given(st.sampled_from(sorted(SEEDS)), st.integers(1, 40), st.integers(1, 40))
+def test_only_images_at_least_16_pixels_a_side_are_classified(predictor, fmt: str, width: int, height: int) -> None:
+    data = encode(photo((width, height)), fmt)
+    status, payload = answer(predictor, {"image": base64.b64encode(data).decode()})
+    if min(width, height) >= MIN_IMAGE_SIDE:
+        assert status == 200 and payload["success"] is True
+    else:
+        assert_refused(status, payload)
+        assert f"{width}x{height}" in payload["error"]
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A valid 16x16 PNG whose IHDR (with a correct CRC) claims width x height."""
+    data = bytearray(encode(photo((16, 16)), "PNG"))
+    ihdr = struct.pack(">II", width, height) + bytes(data[24:29])
+    data[16:33] = ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    return bytes(data)
+
+
+def jpeg_claiming(width: int, height: int) -> bytes:
+    """A valid JPEG whose start-of-frame segment claims width x height."""
+    data = bytearray(SEEDS["JPEG"])
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5:sof + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
+def bmp_claiming(width: int, height: int) -> bytes:
+    data = bytearray(SEEDS["BMP"])
+    data[18:26] = struct.pack("<ii", width, height)
+    return bytes(data)
+
+
+FORGERS = {"PNG": png_claiming, "JPEG": jpeg_claiming, "BMP": bmp_claiming}
+# Headers that claim over the limit: PNG and BMP sides go to 2**31 - 1, JPEG's to 65,535.
+huge_sides = st.integers(7_072, 2**31 - 1)
+
+
+@given(st.sampled_from(sorted(FORGERS)), huge_sides, huge_sides)
+def test_forged_huge_dimensions_are_refused_by_the_pixel_limit(fmt: str, width: int, height: int) -> None:
+    if fmt == "JPEG":
+        width, height = min(width, 65_535), min(height, 65_535)
+    with pytest.raises(ImageError, match="pixels"):
+        decode_image(FORGERS[fmt](width, height))
+
+
+def png_with_text_bomb() -> bytes:
+    """A small PNG carrying a zTXt chunk that inflates to 50 MB."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text("comment", "A" * 50_000_000, zip=True)
+    return encode(photo(), "PNG", pnginfo=info)
+
+
+def bombs() -> dict[str, tuple[bytes, str]]:
+    """name: (a few kB, what its refusal says); each would take gigabytes, or 50 MB of text, if decoded."""
+    return {
+        "png-header-65535^2": (png_claiming(65_535, 65_535), "pixels"),
+        "png-header-2^31-wide": (png_claiming(2**31 - 1, 16), "pixels"),
+        "jpeg-header-65535^2": (jpeg_claiming(65_535, 65_535), "pixels"),
+        "bmp-header-2^31-wide": (bmp_claiming(2**31 - 1, 16), "pixels"),
+        "tiff-group4-8000^2": (encode(Image.new("1", (8000, 8000)), "TIFF", compression="group4"), "pixels"),
+        "png-1bit-8000^2": (encode(Image.new("1", (8000, 8000)), "PNG"), "pixels"),
+        "png-ztxt-50MB": (png_with_text_bomb(), "too large"),
+    }
+
+
+def test_decompression_bombs_are_refused_in_bounded_memory_and_time(tmp_path: Path) -> None:
+    # A fresh interpreter, so that its peak RSS before the bombs is its imports and nothing else.
+    cases = bombs()
+    for name, (data, _) in cases.items():
+        (tmp_path / name).write_bytes(data)
+    script = textwrap.dedent(f"""
+        import json, resource, sys, time
+        from pathlib import Path
+        from skinlesion.image import ImageError, decode_image
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        results = {{}}
+        for path in sorted(Path({str(tmp_path)!r}).iterdir()):
+            started = time.monotonic()
+            try:
+                decode_image(path.read_bytes())
+                results[path.name] = ["accepted", 0]
+            except ImageError as exc:
+                results[path.name] = [str(exc), time.monotonic() - started]
+        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        print(json.dumps({{"grown_kib": after - before, "results": results}}))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120, check=True)
+    report = json.loads(done.stdout.splitlines()[-1])
+    for name, (_, expected) in cases.items():
+        message, seconds = report["results"][name]
+        assert re.search(expected, message), (name, message)
+        assert seconds < 2, (name, seconds)
+    assert report["grown_kib"] < 64 * 1024, report  # every bomb above would take gigabytes if decoded
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "WEBP"])
+def test_animated_images_are_refused_as_single_frame_only(predictor, fmt: str) -> None:
+    frames = [photo(), photo().rotate(90), photo().rotate(180)]
+    data = encode(frames[0], fmt, save_all=True, append_images=frames[1:])
+    status, payload = answer(predictor, {"image": base64.b64encode(data).decode()})
+    assert_refused(status, payload)
+    assert "single frame" in payload["error"]
+
+
+def test_animated_gif_is_not_an_accepted_format(predictor) -> None:
+    frames = [photo().convert("P"), photo().rotate(90).convert("P")]
+    data = encode(frames[0], "GIF", save_all=True, append_images=frames[1:])
+    status, payload = answer(predictor, {"image": base64.b64encode(data).decode()})
+    assert_refused(status, payload)
+    assert "not a decodable image" in payload["error"]
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"image": ""}, "empty"),
+        ({"image": "data:image/png;base64,"}, "empty"),
+        ({"image": " \n\t"}, "empty"),
+        (b'{"a":' * 50_000 + b"1" + b"}" * 50_000, "nested too deeply"),
+        (b'{"image": "AAAA", "precision": ' + b"[" * 5_000 + b"]" * 5_000 + b"}", "nested too deeply"),
+        # Python refuses to parse integers over 4,300 digits with a plain ValueError, not a JSONDecodeError.
+        (b'{"image": ' + b"1" * 5_000 + b"}", "4300 digits"),
+        (b'{"image": "AAAA", "explain": -' + b"9" * 10_000 + b"}", "4300 digits"),
+        ('{"image": "\ud800"}'.encode("utf-8", "surrogatepass"), "not UTF-8"),
+        (b'{"image": "\\ud800"}', "not valid base64"),
+        (b"\xef\xbb\xbf{}", "not valid JSON"),
+        (b'{"image": "' + JPEG_B64.encode() + b'", "image": 5}', "not a number|must be a base64 string"),
+    ],
+    ids=["empty-image", "empty-data-url", "whitespace-only", "deep-object", "deep-option", "huge-int-image",
+         "huge-int-option", "lone-surrogate-utf8", "lone-surrogate-escape", "utf8-bom", "duplicate-key"],
+)
+def test_edge_bodies_are_400_envelopes(predictor, body, message: str) -> None:
+    status, payload = answer(predictor, body)
+    assert_refused(status, payload)
+    assert re.search(message, payload["error"]), payload["error"]
+
+
+def tiff_page_without_width() -> bytes:
+    """A two-page TIFF whose second page lacks its ImageWidth tag (the shape of fuzz/fuzz_decode.py's first crash)."""
+    buffer = io.BytesIO()
+    photo().save(buffer, "TIFF", save_all=True, append_images=[photo()])
+    data = bytearray(buffer.getvalue())
+    first = struct.unpack_from("<I", data, 4)[0]
+    second = struct.unpack_from("<I", data, first + 2 + 12 * struct.unpack_from("<H", data, first)[0])[0]
+    for entry in range(struct.unpack_from("<H", data, second)[0]):
+        at = second + 2 + 12 * entry
+        if struct.unpack_from("<H", data, at)[0] == 256:  # ImageWidth becomes an unknown private tag
+            struct.pack_into("<H", data, at, 0x8000)
+    return bytes(data)
+
+
+def test_a_tiff_page_without_dimensions_is_a_400_not_a_crash(predictor) -> None:
+    # Pillow raises TypeError("Missing dimensions") while counting the pages; it used to escape respond().
+    with pytest.raises(ImageError, match="corrupt"):
+        decode_image(tiff_page_without_width())
+    assert_refused(*answer(predictor, {"image": base64.b64encode(tiff_page_without_width()).decode()}))
+
+
+@pytest.mark.parametrize(("size", "accepted"), [((10_000, 5_000), True), ((2_217, 22_553), False)],
+                         ids=["exactly-50MP", "50MP-plus-one"])
+def test_the_pixel_limit_is_exact(size: tuple[int, int], accepted: bool) -> None:
+    assert size[0] * size[1] == MAX_IMAGE_PIXELS + (0 if accepted else 1)
+    data = encode(Image.new("1", size), "PNG")  # a few kB
+    if accepted:
+        assert decode_image(data).size == size
+    else:
+        with pytest.raises(ImageError, match="at most 50,000,000 pixels"):
+            decode_image(data)
+
+
+def test_a_bad_body_in_a_batch_leaves_the_good_ones_alone(predictor) -> None:
+    good = {"image": JPEG_B64}
+    bomb = {"image": base64.b64encode(png_claiming(65_535, 65_535)).decode()}
+    answers = respond(predictor, [good, b'{"image": ' + b"1" * 5_000 + b"}", bomb, good])
+    assert [status for status, _ in answers] == [200, 400, 400, 200]
