@@ -3,8 +3,10 @@
     python serve.py start [--port 8089] [--run-dir logs] [--model resnet34]
     python serve.py stop [--run-dir logs]
     python serve.py set-default resnet18
+    python serve.py torchserve [--bind 0.0.0.0] [--model resnet34]   (TorchServe alone, in the foreground)
 
-serve.sh installs what is missing, builds the archives and calls this. Tests call it too, on free ports.
+serve.sh installs what is missing, builds the archives and calls this; the container runs `serve.py torchserve`.
+Tests call it too, on free ports.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 from skinlesion.model import ARCHITECTURES
@@ -42,9 +45,10 @@ def render_nginx_conf(listen: str, upstreams: list[str], run_dir: Path, log_dir:
     return text
 
 
-def torchserve_env(run_dir: Path, ports: dict[str, int]) -> dict[str, str]:
+def torchserve_env(run_dir: Path, ports: dict[str, int], bind: str = "127.0.0.1") -> dict[str, str]:
     """Environment for one TorchServe instance: its own ports, logs and pid file (TorchServe keeps
-    the pid file in the temp folder, so a per-instance TMPDIR lets several run side by side)."""
+    the pid file in the temp folder, so a per-instance TMPDIR lets several run side by side).
+    `bind` is the inference API's address; management and metrics stay on the loopback interface."""
     tmp = run_dir / "tmp"
     tmp.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
@@ -52,7 +56,7 @@ def torchserve_env(run_dir: Path, ports: dict[str, int]) -> dict[str, str]:
         TMPDIR=str(tmp),
         LOG_LOCATION=str(run_dir / "torchserve"),
         METRICS_LOCATION=str(run_dir / "torchserve"),
-        TS_INFERENCE_ADDRESS=f"http://127.0.0.1:{ports['inference']}",
+        TS_INFERENCE_ADDRESS=f"http://{bind}:{ports['inference']}",
         TS_MANAGEMENT_ADDRESS=f"http://127.0.0.1:{ports['management']}",
         TS_METRICS_ADDRESS=f"http://127.0.0.1:{ports['metrics']}",
         TS_GRPC_INFERENCE_PORT=str(ports["grpc"]),
@@ -102,20 +106,46 @@ def set_default(management: str, version: str) -> dict:
     return body
 
 
-def start_torchserve(run_dir: Path, model_store: Path, ports: dict[str, int], default: str, timeout: float = 180) -> str:
-    """Start one TorchServe with every version of "skin"; returns its management URL once ready."""
-    env = torchserve_env(run_dir, ports)
+def torchserve_command(model_store: Path) -> list[str]:
+    """The TorchServe command line of the local run and the container: every version of "skin"."""
     archives = [f"skin-{arch}.mar" for arch in ARCHITECTURES]
-    with open(run_dir / "torchserve.out", "ab") as out:
-        subprocess.run(
-            [str(Path(sys.executable).parent / "torchserve"), "--start", "--ncs", "--ts-config", str(ROOT / "config.properties"),
-             "--model-store", str(model_store), "--models", *archives],
-            env=env, cwd=run_dir, stdout=out, stderr=subprocess.STDOUT, check=True,
-        )
+    return [str(Path(sys.executable).parent / "torchserve"), "--start", "--ncs", "--ts-config", str(ROOT / "config.properties"),
+            "--model-store", str(model_store), "--models", *archives]
+
+
+def await_versions(ports: dict[str, int], default: str, timeout: float, alive: Callable[[], bool] = lambda: True) -> str:
+    """Wait until every version has its workers, then make `default` the default; returns the management URL."""
     management = f"http://127.0.0.1:{ports['management']}"
-    wait_for(lambda: versions_ready(management), "TorchServe's model workers", timeout)
+
+    def ready() -> bool:
+        if not alive():
+            raise RuntimeError("TorchServe exited before its models were ready (see its log)")
+        return versions_ready(management)
+
+    wait_for(ready, "TorchServe's model workers", timeout)
     set_default(management, default)
     return management
+
+
+def start_torchserve(run_dir: Path, model_store: Path, ports: dict[str, int], default: str, timeout: float = 180) -> str:
+    """Start one TorchServe in the background (stop_torchserve ends it); returns its management URL once ready."""
+    with open(run_dir / "torchserve.out", "ab") as out:
+        subprocess.run(torchserve_command(model_store), env=torchserve_env(run_dir, ports), cwd=run_dir,
+                       stdout=out, stderr=subprocess.STDOUT, check=True)
+    return await_versions(ports, default, timeout)
+
+
+def run_torchserve(run_dir: Path, model_store: Path, ports: dict[str, int], default: str, bind: str,
+                   timeout: float = 180) -> int:
+    """TorchServe in the foreground, its log on our stdout, until it exits: the container's main process."""
+    # `docker stop` sends SIGTERM here (Ctrl+C SIGINT): stop TorchServe the way `serve.py stop` does.
+    for stop_signal in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(stop_signal, lambda *_: stop_torchserve(run_dir))
+    process = subprocess.Popen([*torchserve_command(model_store), "--foreground"],
+                               env=torchserve_env(run_dir, ports, bind), cwd=run_dir)
+    await_versions(ports, default, timeout, alive=lambda: process.poll() is None)
+    print(f"TorchServe serving {default} (default) on {bind}:{ports['inference']}", flush=True)
+    return process.wait()
 
 
 def stop_torchserve(run_dir: Path) -> None:
@@ -159,11 +189,15 @@ def health_ok(url: str) -> bool:
     return status == 200
 
 
+def torchserve_ports(args: argparse.Namespace) -> dict[str, int]:
+    return {"inference": args.inference_port, "management": args.management_port,
+            "metrics": args.metrics_port, "grpc": args.grpc_port}
+
+
 def start(args: argparse.Namespace) -> None:
     run_dir = args.run_dir.resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    ports = {"inference": args.inference_port, "management": args.management_port,
-             "metrics": args.metrics_port, "grpc": args.grpc_port}
+    ports = torchserve_ports(args)
     start_torchserve(run_dir, args.model_store.resolve(), ports, args.model)
     start_nginx(run_dir, f"{args.host}:{args.port}", [f"127.0.0.1:{args.inference_port}"])
     url = f"http://{args.host}:{args.port}"
@@ -181,12 +215,15 @@ def stop(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("start", "stop"):
+    for name in ("start", "stop", "torchserve"):
         p = sub.add_parser(name)
         p.add_argument("--run-dir", type=Path, default=ROOT / "logs", help="logs, pid files and rendered configs")
         if name == "start":
             p.add_argument("--host", default="127.0.0.1", help="address nginx listens on")
             p.add_argument("--port", type=int, default=DEFAULT_PORTS["port"])
+        if name == "torchserve":
+            p.add_argument("--bind", default="127.0.0.1", help="address of TorchServe's inference API (0.0.0.0 in a container)")
+        if name != "stop":
             p.add_argument("--inference-port", type=int, default=DEFAULT_PORTS["inference"])
             p.add_argument("--management-port", type=int, default=DEFAULT_PORTS["management"])
             p.add_argument("--metrics-port", type=int, default=DEFAULT_PORTS["metrics"])
@@ -201,6 +238,10 @@ def main(argv: list[str] | None = None) -> None:
         start(args)
     elif args.command == "stop":
         stop(args)
+    elif args.command == "torchserve":
+        run_dir = args.run_dir.resolve()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        sys.exit(run_torchserve(run_dir, args.model_store.resolve(), torchserve_ports(args), args.model, args.bind))
     else:
         print(json.dumps(set_default(args.management_url, args.version)))
 
