@@ -1,0 +1,295 @@
+"""docker-compose.yml, the Dockerfile and scale-out, checked without a Docker engine.
+
+The compose file validates against the Compose Specification schema; the proxy's nginx.conf, rendered as the
+nginx image's envsubst renders it, is what serve.py renders and passes `nginx -t`; the Dockerfile copies files
+that exist; and the containers' commands run here: two TorchServe instances started with the torchserve
+service's command behind one nginx keep answering while one of them is stopped under load, and the frontend
+service's command starts Streamlit.
+
+tests/data/compose-spec.json is compose/config/compose_spec.json from the docker-compose 1.29.2 wheel on
+PyPI (`pip download --no-deps docker-compose==1.29.2`; wheel sha256 8d5589373b35c8d3b1c8c1182c6e4a4ff14
+bffa3dd0b605fcd08f73c94cef809), copied unchanged (sha256 0dc04bd346dcfee1b1419628fff79937bbf076925f298f2
+72a2b490e2b112bac).
+"""
+
+from __future__ import annotations
+
+import base64
+import fnmatch
+import itertools
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import jsonschema
+import pytest
+import requests
+import yaml
+
+import serve
+from skinlesion.model import ARCHITECTURES
+from tests.conftest import ROOT, free_port
+
+COMPOSE_FILE = ROOT / "docker-compose.yml"
+SCHEMA = ROOT / "tests" / "data" / "compose-spec.json"
+# What the nginx image defines besides the service's environment: envsubst replaces these names too.
+NGINX_IMAGE_ENV = ("PATH", "HOSTNAME", "HOME", "NGINX_VERSION", "NJS_VERSION", "NJS_RELEASE", "PKG_RELEASE", "DYNPKG_RELEASE")
+STARTUP_SECONDS = 300  # two TorchServe instances loading four workers each on a busy two-core machine
+LOAD_THREADS = 3
+LOAD_SECONDS = 8  # before the stop, and again after it
+
+
+def interpolate(text: str, env: dict[str, str]) -> str:
+    """Compose's ${VAR} and ${VAR:-default} interpolation (the forms this file uses)."""
+    return re.sub(r"\$\{(\w+)(?::-([^}]*))?\}", lambda m: env.get(m[1]) or m[2] or "", text)
+
+
+def load_compose(env: dict[str, str] | None = None) -> dict:
+    return yaml.safe_load(interpolate(COMPOSE_FILE.read_text(), env or {}))
+
+
+def local_command(command: list[str]) -> list[str]:
+    """A container command as run here: this venv's interpreter and scripts, the loopback interface only."""
+    executables = {"python": sys.executable, "streamlit": str(Path(sys.executable).parent / "streamlit")}
+    return [executables.get(command[0], command[0])] + ["127.0.0.1" if arg == "0.0.0.0" else arg for arg in command[1:]]
+
+
+def test_compose_file_follows_the_compose_specification() -> None:
+    schema = json.loads(SCHEMA.read_text())
+    # Named explicitly: jsonschema does not recognise the file's spelling of the draft 2019-09 URI.
+    validator = jsonschema.Draft201909Validator(schema)
+    errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(load_compose())]
+    assert not errors, errors
+    # The schema accepts anything under a wrong key name only where it allows extensions: none are used.
+    assert set(load_compose()["services"]) == {"torchserve", "proxy", "frontend"}
+
+
+def test_compose_publishes_only_the_proxy_and_the_page() -> None:
+    services = load_compose()["services"]
+    assert "ports" not in services["torchserve"]
+    assert services["proxy"]["ports"] == ["8089:8089"] and services["frontend"]["ports"] == ["8501:8501"]
+    assert services["torchserve"]["deploy"]["replicas"] >= 2
+    assert all("test" in service["healthcheck"] for service in services.values())
+    assert services["proxy"]["depends_on"]["torchserve"]["condition"] == "service_healthy"
+    assert services["frontend"]["environment"]["SKIN_API_URL"] == "http://proxy:8089/predict"
+    assert services["proxy"]["volumes"] == ["./proxy/nginx.conf:/etc/nginx/templates/nginx.conf.template:ro"]
+    assert load_compose({"MODEL": "resnet18"})["services"]["torchserve"]["environment"]["MODEL"] == "resnet18"
+    assert load_compose()["services"]["torchserve"]["environment"]["MODEL"] == "resnet34"
+
+
+def render_as_nginx_image(template: Path, environment: dict[str, str]) -> str:
+    """What the nginx image's 20-envsubst-on-templates.sh writes: envsubst restricted to the names defined
+    in the container, so nginx's own $variables survive."""
+    env = {name: "" for name in NGINX_IMAGE_ENV} | environment
+    shell_format = " ".join(f"${{{name}}}" for name in env)
+    envsubst = shutil.which("envsubst") or "/usr/bin/envsubst"
+    return subprocess.run([envsubst, shell_format], input=template.read_text(), env=env, capture_output=True, text=True,
+                          check=True).stdout
+
+
+def test_proxy_config_is_the_local_template_and_passes_nginx_t(tmp_path: Path) -> None:
+    proxy = load_compose()["services"]["proxy"]
+    environment = {name: str(value) for name, value in proxy["environment"].items()}
+    assert environment["NGINX_ENVSUBST_OUTPUT_DIR"] == "/etc/nginx"  # the template becomes /etc/nginx/nginx.conf
+    rendered = render_as_nginx_image(ROOT / "proxy" / "nginx.conf", environment)
+    upstream = re.fullmatch(r"server (\S+) max_fails=1 fail_timeout=5s;", environment["TORCHSERVE_SERVERS"])
+    assert upstream, environment["TORCHSERVE_SERVERS"]
+    assert rendered == serve.render_nginx_conf(environment["NGINX_LISTEN"], [upstream[1]], Path(environment["NGINX_RUN_DIR"]),
+                                               Path(environment["NGINX_LOG_DIR"]))
+    assert "$request_method" in rendered and not re.findall(r"^[^#]*\$\{", rendered, re.MULTILINE)
+
+    # nginx -t with the container's paths and names: a private mount namespace gets a tmpfs /var with the
+    # image's folders, and an /etc/hosts where the compose service names resolve.
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(rendered)
+    hosts = tmp_path / "hosts"
+    hosts.write_text("127.0.0.1 localhost " + " ".join(load_compose()["services"]) + "\n")
+    folders = " ".join({environment["NGINX_RUN_DIR"], environment["NGINX_LOG_DIR"]})
+    script = f"mount -t tmpfs tmpfs /var && mkdir -p {folders} && mount --bind {hosts} /etc/hosts && exec nginx -t -c {conf}"
+    unshare = ["unshare", "--mount", "--propagation", "private"]
+    if os.geteuid() != 0:
+        unshare.insert(1, "--map-root-user")
+    probe = subprocess.run([*unshare, "true"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"nginx -t needs a private mount namespace here: {probe.stderr.strip()}")
+    nginx_dir = str(Path(shutil.which("nginx") or "/usr/sbin/nginx").parent)
+    result = subprocess.run([*unshare, "sh", "-c", script], capture_output=True, text=True,
+                            env=dict(os.environ, PATH=f"{nginx_dir}:{os.environ['PATH']}"))
+    assert result.returncode == 0, result.stderr
+    assert "test is successful" in result.stderr
+
+
+def dockerignored(path: str, patterns: list[str]) -> bool:
+    """Whether .dockerignore leaves `path`, or a folder above it, out of the build context."""
+    parts = path.split("/")
+    prefixes = ["/".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    return any(any(fnmatch.fnmatch(part, pattern[3:]) for part in parts) if pattern.startswith("**/")  # any depth
+               else any(fnmatch.fnmatch(prefix, pattern) for prefix in prefixes) for pattern in patterns)
+
+
+def test_dockerfile_copies_files_that_exist_and_are_in_the_build_context() -> None:
+    patterns = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+                if line.strip() and not line.startswith("#")]
+    copies = [line.split()[1:] for line in (ROOT / "Dockerfile").read_text().splitlines() if line.startswith("COPY ")]
+    sources = [source.rstrip("/") for *sources, _ in copies for source in sources if not source.startswith("--")]
+    assert sources
+    for source in sources:
+        assert (ROOT / source).exists(), f"the Dockerfile copies {source}, which is missing"
+        assert not dockerignored(source, patterns), f"the Dockerfile copies {source}, which .dockerignore leaves out"
+    # archive.sh in the image turns exactly these into the skin-<arch>.mar that serve.py loads.
+    assert {s for s in sources if s.endswith(".pt")} == {f"model_store/{arch}.pt" for arch in ARCHITECTURES}
+    assert dockerignored(".venv/bin/python", patterns) and dockerignored("skinlesion/__pycache__/x.pyc", patterns)
+
+
+def test_frontend_service_command_starts_the_page(tmp_path: Path) -> None:
+    service = load_compose()["services"]["frontend"]
+    command = local_command(service["command"])
+    command[command.index("--server.port") + 1] = str(port := free_port())
+    with open(tmp_path / "streamlit.log", "wb") as log:
+        process = subprocess.Popen(command, cwd=ROOT, env=dict(os.environ, **service["environment"]), stdout=log,
+                                   stderr=subprocess.STDOUT)
+    try:
+        def healthy() -> bool:
+            assert process.poll() is None, (tmp_path / "streamlit.log").read_text()[-2000:]
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=5) as answer:
+                return answer.status == 200
+
+        serve.wait_for(healthy, "streamlit", 120)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+@dataclass
+class Instance:
+    process: subprocess.Popen
+    run_dir: Path
+    ports: dict[str, int]
+
+    @property
+    def log(self) -> Path:
+        return self.run_dir / "container.log"
+
+    def inference_requests(self) -> float:
+        metrics = requests.get(f"http://127.0.0.1:{self.ports['metrics']}/metrics", timeout=10).text
+        counts = [line.rsplit(" ", 1)[1] for line in metrics.splitlines() if line.startswith("ts_inference_requests_total")]
+        return sum(map(float, counts))
+
+
+@dataclass
+class ScaledOut:
+    url: str
+    instances: list[Instance]
+
+
+@pytest.fixture(scope="module")
+def scaled_out(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ScaledOut]:
+    """Two TorchServe instances, each started with the compose torchserve service's command and MODEL=resnet18,
+    behind one nginx rendered from proxy/nginx.conf with both as upstream servers."""
+    command = local_command(load_compose()["services"]["torchserve"]["command"])
+    root = tmp_path_factory.mktemp("scaleout")
+    instances: list[Instance] = []
+    try:
+        for i in range(2):
+            run_dir = root / f"torchserve-{i}"
+            run_dir.mkdir()
+            ports = {"inference": free_port(), "management": free_port(), "metrics": free_port(), "grpc": free_port()}
+            args = ["--run-dir", str(run_dir), "--model-store", str(model_store)]
+            args += [arg for name, port in ports.items() for arg in (f"--{name}-port", str(port))]
+            with open(run_dir / "container.log", "wb") as log:
+                process = subprocess.Popen([*command, *args], cwd=ROOT, env=dict(os.environ, MODEL="resnet18"), stdout=log,
+                                           stderr=subprocess.STDOUT)
+            instances.append(Instance(process, run_dir, ports))
+        for instance in instances:
+            def serving(instance: Instance = instance) -> bool:
+                assert instance.process.poll() is None, instance.log.read_text()[-3000:]
+                return "TorchServe serving resnet18 (default)" in instance.log.read_text()
+
+            serve.wait_for(serving, "TorchServe from the container command", STARTUP_SECONDS)
+        port = free_port()
+        serve.start_nginx(root, f"127.0.0.1:{port}", [f"127.0.0.1:{i.ports['inference']}" for i in instances])
+        serve.wait_for(lambda: serve.health_ok(f"http://127.0.0.1:{port}/health"), "nginx", 30)
+        yield ScaledOut(f"http://127.0.0.1:{port}", instances)
+    finally:
+        serve.stop_nginx(root)
+        for instance in instances:
+            if instance.process.poll() is None:
+                instance.process.send_signal(signal.SIGTERM)
+        for instance in instances:
+            try:
+                instance.process.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                serve.stop_torchserve(instance.run_dir)
+                instance.process.kill()
+                instance.process.wait()
+
+
+@dataclass
+class Answer:
+    sent: float
+    status: int
+    body: object
+
+
+def post_load(url: str, bodies: list[bytes], first: int, until: threading.Event, answers: list[Answer]) -> None:
+    for n in itertools.count(first):
+        if until.is_set():
+            return
+        sent = time.monotonic()
+        try:
+            response = requests.post(f"{url}/predict", data=bodies[n % len(bodies)],
+                                     headers={"Content-Type": "application/json"}, timeout=120)
+        except requests.RequestException as exc:  # no answer at all: recorded, and the test fails on it
+            answers.append(Answer(sent, 0, repr(exc)))
+            continue
+        try:
+            answers.append(Answer(sent, response.status_code, response.json()))
+        except ValueError:
+            answers.append(Answer(sent, response.status_code, response.text))
+
+
+def test_stopping_one_instance_under_load_loses_no_answer(scaled_out: ScaledOut, fullres_images: list[Path]) -> None:
+    images = fullres_images[:LOAD_THREADS + 1]
+    bodies = [json.dumps({"image": base64.b64encode(p.read_bytes()).decode()}).encode() for p in images]
+    answers: list[Answer] = []
+    until = threading.Event()
+    threads = [threading.Thread(target=post_load, args=(scaled_out.url, bodies, i, until, answers)) for i in range(LOAD_THREADS)]
+    for thread in threads:
+        thread.start()
+    try:
+        time.sleep(LOAD_SECONDS)
+        # nginx balanced the load over both instances before one goes.
+        assert all(instance.inference_requests() > 0 for instance in scaled_out.instances)
+        victim, survivor = scaled_out.instances
+        victim.process.send_signal(signal.SIGTERM)  # what `docker stop` sends to the container's command
+        assert victim.process.wait(timeout=90) == 0, victim.log.read_text()[-3000:]
+        with pytest.raises(requests.ConnectionError):
+            requests.get(f"http://127.0.0.1:{victim.ports['inference']}/ping", timeout=5)
+        served_before = survivor.inference_requests()
+        stopped = time.monotonic()
+        time.sleep(LOAD_SECONDS)
+    finally:
+        until.set()
+        for thread in threads:
+            thread.join(timeout=180)
+
+    for answer in answers:
+        assert isinstance(answer.body, dict), f"{answer.status}: {answer.body!r:.300}"
+        if answer.status == 200:
+            assert answer.body["success"] is True and answer.body["model"] == "resnet18"
+        else:
+            assert answer.body == {"success": False, "error": answer.body["error"]}, answer.body
+    after = [answer for answer in answers if answer.sent > stopped]
+    assert len(after) >= LOAD_THREADS, "the load stopped with the instance"
+    assert [a.status for a in after] == [200] * len(after), [a.body for a in after if a.status != 200]
+    assert survivor.inference_requests() - served_before >= len(after)
