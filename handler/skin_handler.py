@@ -9,7 +9,17 @@ from typing import Any
 import torch
 
 from skinlesion.predictor import Predictor
-from skinlesion.service import respond
+from skinlesion.service import respond, respond_instances
+
+
+def is_request_rows(data: Any, context: Any) -> bool:
+    """Whether `data` is TorchServe's own batch: one dict per request, the body under "body" (or "data").
+
+    TorchServe's KServe envelope (service_envelope=kserve) instead hands over the items of the one
+    request's "instances", or None when it has none.
+    """
+    return (isinstance(data, list) and len(data) == len(context.request_ids)
+            and all(isinstance(row, dict) and ("body" in row or "data" in row) for row in data))
 
 
 class SkinHandler:
@@ -23,9 +33,13 @@ class SkinHandler:
         model_dir = Path(context.system_properties["model_dir"])
         self.predictor = Predictor.from_checkpoint(model_dir / context.manifest["model"]["serializedFile"])
 
-    def handle(self, data: list[dict], context: Any) -> list[dict]:
-        bodies = [row.get("body", row.get("data")) if isinstance(row, dict) else row for row in data]
-        answers = respond(self.predictor, bodies)
+    def handle(self, data: Any, context: Any) -> list[dict]:
+        if not is_request_rows(data, context):
+            # The envelope wraps our list into the request's {"predictions": [...]}.
+            status, payloads = respond_instances(self.predictor, data)
+            context.set_response_status(status, HTTPStatus(status).phrase, 0)
+            return payloads
+        answers = respond(self.predictor, [row.get("body", row.get("data")) for row in data])
         for idx, (status, _) in enumerate(answers):
             context.set_response_status(status, HTTPStatus(status).phrase, idx)
         return [payload for _, payload in answers]

@@ -95,6 +95,21 @@ def json_type(value: Any) -> str:
     return "null" if value is None else names.get(type(value), type(value).__name__)
 
 
+def respond_instances(predictor: Predictor, instances: Any) -> tuple[int, list[dict]]:
+    """KServe v1: one request's "instances", each a /predict body, answered in order in one response.
+
+    Each answer carries its own success or error; the one HTTP status is 200 when any instance succeeded,
+    else the worst failure's (a lone instance gets exactly its /predict status). Not the worst status
+    always: TorchServe closes the connection after a non-200 answer, and a large body (explanations) is
+    cut short by the reset.
+    """
+    if not isinstance(instances, list) or not instances:
+        return 400, [failure('send {"instances": [{"image": "<base64>"}, ...]}: a non-empty list of /predict bodies')]
+    answers = respond(predictor, instances)
+    statuses = [status for status, _ in answers]
+    return 200 if 200 in statuses else max(statuses), [payload for _, payload in answers]
+
+
 def respond(predictor: Predictor, bodies: list[Any]) -> list[tuple[int, dict]]:
     """(HTTP status, JSON payload) for each body; valid images are classified as one batch."""
     answers: list[tuple[int, dict] | None] = [None] * len(bodies)
