@@ -1,0 +1,129 @@
+"""deploy/kserve: the InferenceService's TorchServe command on the storage layout it names, with the KServe v1
+envelope that KServe's TorchServe runtime sets for protocolVersion v1, answering real v1 requests here.
+
+What differs from the pod: free loopback ports (TorchServe's TS_*_ADDRESS variables, as enable_envvars_config
+allows) and a temporary folder in place of /mnt/models.
+"""
+
+from __future__ import annotations
+
+import base64
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+
+import serve
+from skinlesion.model import ARCHITECTURES, CLASS_NAMES
+from tests.conftest import ROOT, free_port
+
+KSERVE = ROOT / "deploy" / "kserve"
+MOUNT = "/mnt/models"  # where KServe's storage initializer puts storageUri
+# Keys that differ from the repository's config.properties on purpose (the file's comments say why).
+KSERVE_ONLY = {"inference_address", "allowed_urls", "model_store", "model_snapshot"}
+
+
+def properties(path: Path) -> dict[str, str]:
+    lines = [line.strip() for line in path.read_text().splitlines()]
+    return dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
+
+
+def predictor() -> dict:
+    return yaml.safe_load((KSERVE / "inferenceservice.yaml").read_text())["spec"]["predictor"]["model"]
+
+
+def test_inference_service_uses_the_torchserve_runtime_with_v1() -> None:
+    model = predictor()
+    assert model["modelFormat"]["name"] == "pytorch" and model["protocolVersion"] == "v1"
+    assert model["storageUri"]
+    assert f"--model-store={MOUNT}/model-store" in model["args"]
+    assert f"--ts-config={MOUNT}/config/config.properties" in model["args"]
+
+
+def test_kserve_config_keeps_the_local_settings() -> None:
+    local, kserve = properties(ROOT / "config.properties"), properties(KSERVE / "config" / "config.properties")
+    shared = {key: value for key, value in local.items() if key not in KSERVE_ONLY}
+    assert {key: kserve.get(key) for key in shared} == shared
+    assert kserve["enable_envvars_config"] == "true" and kserve["model_store"] == f"{MOUNT}/model-store"
+
+
+@dataclass
+class KServeTorchServe:
+    predict_url: str
+
+
+@pytest.fixture(scope="module")
+def kserve_torchserve(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[KServeTorchServe]:
+    storage = tmp_path_factory.mktemp("storage")
+    shutil.copytree(KSERVE / "config", storage / "config")
+    (storage / "model-store").mkdir()
+    for arch in ARCHITECTURES:  # copied, as the storage initializer does: the real path must say model-store
+        shutil.copy(model_store / f"skin-{arch}.mar", storage / "model-store")
+    args = [arg.replace(MOUNT, str(storage)) for arg in predictor()["args"]]
+    args[0] = str(Path(sys.executable).parent / args[0])
+    run_dir = tmp_path_factory.mktemp("kserve-run")
+    ports = {"inference": free_port(), "management": free_port(), "metrics": free_port(), "grpc": free_port()}
+    env = serve.torchserve_env(run_dir, ports) | {"TS_SERVICE_ENVELOPE": "kserve"}
+    del env["PYTHONPATH"]  # the pod has no checkout: the archives must carry the code they import
+    with open(run_dir / "torchserve.log", "wb") as log:
+        process = subprocess.Popen(args, cwd=run_dir, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        management = f"http://127.0.0.1:{ports['management']}"
+
+        def ready() -> bool:
+            assert process.poll() is None, (run_dir / "torchserve.log").read_text()[-3000:]
+            return serve.versions_ready(management)
+
+        serve.wait_for(ready, "TorchServe from the KServe storage layout", 300)
+        yield KServeTorchServe(f"http://127.0.0.1:{ports['inference']}/v1/models/skin:predict")
+    finally:
+        serve.stop_torchserve(run_dir)
+        try:
+            process.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture(scope="module")
+def image_b64(fullres_images: list[Path]) -> str:
+    return base64.b64encode(fullres_images[0].read_bytes()).decode()
+
+
+def test_v1_instance_gets_predictions_from_the_default_version(kserve_torchserve: KServeTorchServe, image_b64: str) -> None:
+    response = requests.post(kserve_torchserve.predict_url, json={"instances": [{"image": image_b64}]}, timeout=120)
+    assert response.status_code == 200, response.text[:300]
+    [answer] = response.json()["predictions"]
+    assert answer["success"] is True and answer["model"] == "resnet34"  # defaultVersion in model_snapshot
+    assert answer["prediction"] in CLASS_NAMES and list(answer["probabilities"]) == list(CLASS_NAMES)
+
+
+def test_each_instance_gets_its_own_answer(kserve_torchserve: KServeTorchServe, image_b64: str) -> None:
+    # 200 as one instance succeeded: a non-200 answer would lose the ~5 MB explanation to TorchServe's reset.
+    instances = [{"image": image_b64}, {"image": "%%%"}, {"image": image_b64, "method": "gradcam", "explain": True}]
+    response = requests.post(kserve_torchserve.predict_url, json={"instances": instances}, timeout=180)
+    assert response.status_code == 200
+    good, bad, explained = response.json()["predictions"]
+    assert good["success"] is True and explained["explanation"]["method"] == "gradcam"
+    assert bad == {"success": False, "error": "'image' is not valid base64"}
+
+
+def test_a_failing_lone_instance_gets_its_predict_status(kserve_torchserve: KServeTorchServe) -> None:
+    response = requests.post(kserve_torchserve.predict_url, json={"instances": [{"image": "%%%"}]}, timeout=60)
+    assert response.status_code == 400
+    assert response.json() == {"predictions": [{"success": False, "error": "'image' is not valid base64"}]}
+
+
+@pytest.mark.parametrize("body", [{"image": "plain /predict body"}, {"instances": []}])
+def test_a_body_without_instances_gets_400_saying_what_to_send(kserve_torchserve: KServeTorchServe, body: dict) -> None:
+    response = requests.post(kserve_torchserve.predict_url, json=body, timeout=60)
+    assert response.status_code == 400
+    [answer] = response.json()["predictions"]
+    assert answer["success"] is False and '"instances"' in answer["error"]
+
