@@ -70,7 +70,7 @@ def test_compose_file_follows_the_compose_specification() -> None:
     validator = jsonschema.Draft201909Validator(schema)
     errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(load_compose())]
     assert not errors, errors
-    # The schema accepts anything under a wrong key name only where it allows extensions: none are used.
+    # Any service name validates, so a misspelt one would pass as a fourth service.
     assert set(load_compose()["services"]) == {"torchserve", "proxy", "frontend"}
 
 
