@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,8 @@ import torch
 
 from skinlesion.predictor import Predictor
 from skinlesion.service import respond, respond_instances
+
+log = logging.getLogger(__name__)
 
 
 def is_request_rows(data: Any, context: Any) -> bool:
@@ -39,7 +42,10 @@ class SkinHandler:
             status, payloads = respond_instances(self.predictor, data)
             context.set_response_status(status, HTTPStatus(status).phrase, 0)
             return payloads
-        answers = respond(self.predictor, [row.get("body", row.get("data")) for row in data])
+        timings: dict[str, float] = {}
+        answers = respond(self.predictor, [row.get("body", row.get("data")) for row in data], timings)
+        # One line per batch in model_log.log: bench/serve.py splits the served latency with it.
+        log.info("handler_ms batch=%d %s", len(data), " ".join(f"{k}={v:.2f}" for k, v in timings.items()))
         for idx, (status, _) in enumerate(answers):
             context.set_response_status(status, HTTPStatus(status).phrase, idx)
         return [payload for _, payload in answers]

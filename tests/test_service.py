@@ -77,6 +77,17 @@ def test_respond_batches_good_and_bad_bodies_independently(predictor) -> None:
     json.dumps([payload for _, payload in answers])  # TorchServe serializes with json.dumps
 
 
+def test_respond_reports_where_the_batch_spent_its_time(predictor, fullres_images) -> None:
+    timings: dict[str, float] = {}
+    body = {"image": base64.b64encode(fullres_images[0].read_bytes()).decode()}
+    [(status, _)] = respond(predictor, [body], timings)
+    assert status == 200
+    assert set(timings) == {"decode", "preprocess", "forward"}
+    assert all(value > 0 for value in timings.values())
+    # Decoding a 600x450 JPEG, resizing it and a ResNet forward each take real time, not nothing.
+    assert timings["forward"] > 0.5
+
+
 def test_a_model_failure_is_a_500_envelope_and_not_an_exception(predictor, monkeypatch) -> None:
     def broken(inputs, batch_size=64):
         raise RuntimeError("out of memory")

@@ -1,0 +1,276 @@
+"""Serving benchmark: the model's own speed in-process (the floor) against the same model through nginx and
+TorchServe, on real full-size photos, with the served time split into its parts.
+
+    .venv/bin/python bench/serve.py [--requests 240] [--concurrency 1 4 8 16] [--models resnet18 resnet34]
+                                    [--model-config handler/model-config.yaml] [--explain-load]
+
+It builds archives of the shipped weights with the given per-version TorchServe settings (the levers:
+workers, batchSize, maxBatchDelay, torch_threads), starts TorchServe and nginx on free ports via serve.py,
+and stops them at the end. Timings are wall-clock on this machine: run it on an otherwise idle one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import requests
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # so that `python bench/serve.py` finds the package without PYTHONPATH
+
+import serve  # noqa: E402
+from skinlesion.image import decode_image  # noqa: E402
+from skinlesion.predictor import Predictor  # noqa: E402
+
+BATCH_SIZES = (1, 4, 8, 16, 32)
+# The targets the serving work was asked to meet.
+MIN_THROUGHPUT_RATIO = 0.7  # served at concurrency 8 / floor
+MAX_ADDED_MS = 25.0  # served p50 at concurrency 1 minus the in-process single-image latency
+MAX_ERROR_RATE = 0.01
+MAX_EXPLAIN_SLOWDOWN = 3.0  # p99 of plain predictions while a High explanation runs / idle p99
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def median_seconds(run, repeats: int) -> float:
+    run()  # warm-up: the first call picks kernels and allocates
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def floor(weights: Path, photos: list, threads: int) -> dict:
+    """In-process: preprocessing + forward at each batch size (all cores), and one image's latency."""
+    torch.set_num_threads(threads)
+    predictor = Predictor.from_checkpoint(weights)
+    per_batch = {}
+    for size in BATCH_SIZES:
+        batch = [photos[i % len(photos)] for i in range(size)]
+        per_batch[size] = size / median_seconds(lambda b=batch: predictor.predict(b), max(3, 64 // size))
+    best = max(per_batch, key=per_batch.get)
+    latency = median_seconds(lambda: predictor.predict(photos[:1]), 30)
+    return {"throughput": per_batch[best], "best_batch": best, "latency_ms": latency * 1000, "per_batch": per_batch}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Service:
+    """The real stack on free ports: TorchServe with both versions behind nginx, archives built by archive.sh."""
+
+    def __init__(self, workdir: Path, model_config: Path) -> None:
+        self.run_dir = workdir / "run"
+        self.run_dir.mkdir()
+        store = workdir / "model_store"
+        env = dict(os.environ, MODEL_STORE=str(store), MODEL_CONFIG=str(model_config.resolve()),
+                   ARCHIVER=str(Path(sys.executable).parent / "torch-model-archiver"))
+        subprocess.run([str(ROOT / "archive.sh")], env=env, check=True, capture_output=True)
+        self.ports = {"inference": free_port(), "management": free_port(), "metrics": free_port(), "grpc": free_port()}
+        port = free_port()
+        self.management = serve.start_torchserve(self.run_dir, store, self.ports, "resnet34", timeout=300)
+        serve.start_nginx(self.run_dir, f"127.0.0.1:{port}", [f"127.0.0.1:{self.ports['inference']}"])
+        self.url = f"http://127.0.0.1:{port}"
+        serve.wait_for(lambda: serve.health_ok(f"{self.url}/health"), "nginx /health", 30)
+        self.model_log = self.run_dir / "torchserve" / "model_log.log"
+
+    def stop(self) -> None:
+        serve.stop_nginx(self.run_dir)
+        serve.stop_torchserve(self.run_dir)
+
+    def torchserve_microseconds(self) -> float:
+        """TorchServe's cumulative inference latency over every version of "skin" (its Prometheus counter)."""
+        text = requests.get(f"http://127.0.0.1:{self.ports['metrics']}/metrics", timeout=10).text
+        return sum(float(m) for m in re.findall(r'^ts_inference_latency_microseconds\{[^}]*model_name="skin"[^}]*\} (\S+)',
+                                                 text, re.MULTILINE))
+
+    def handler_ms(self, since: int) -> dict[str, float]:
+        """Mean per-request milliseconds of the handler's timers, from the worker log lines after offset `since`."""
+        totals: dict[str, float] = {}
+        requests_seen = 0
+        with self.model_log.open() as log:
+            log.seek(since)
+            for line in log:
+                match = re.search(r"handler_ms batch=(\d+) (.*)$", line)
+                if match:
+                    requests_seen += int(match.group(1))
+                    for key, value in re.findall(r"(\w+)=([\d.]+)", match.group(2)):
+                        totals[key] = totals.get(key, 0.0) + float(value)
+        return {key: value / max(requests_seen, 1) for key, value in totals.items()}
+
+
+def load(url: str, bodies: list[bytes], total: int, concurrency: int) -> dict:
+    """`total` POSTs from `concurrency` threads; latencies of every answer and errors by kind."""
+    latencies: list[float] = []
+    errors: dict[str, int] = {}
+    lock = threading.Lock()
+    local = threading.local()
+
+    def one(i: int) -> None:
+        session = getattr(local, "session", None) or requests.Session()
+        local.session = session
+        start = time.perf_counter()
+        try:
+            response = session.post(f"{url}/predict", data=bodies[i % len(bodies)], timeout=120)
+            ok = response.status_code == 200 and response.json().get("success") is True
+            kind = None if ok else f"HTTP {response.status_code}"
+        except (requests.RequestException, ValueError) as exc:
+            kind = type(exc).__name__
+        with lock:
+            latencies.append(time.perf_counter() - start)
+            if kind:
+                errors[kind] = errors.get(kind, 0) + 1
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(one, range(total)))
+    wall = time.perf_counter() - start
+    ms = [s * 1000 for s in latencies]
+    return {"throughput": total / wall, "p50": percentile(ms, 50), "p99": percentile(ms, 99),
+            "mean": statistics.fmean(ms), "errors": errors, "answered": len(ms)}
+
+
+def explain_load(url: str, plain: bytes, explained: bytes, total: int) -> dict:
+    """p99 of sequential plain predictions, idle and while High explanations run back to back."""
+    idle = load(url, [plain], total, 1)
+    stop = threading.Event()
+    explanations: list[float] = []
+
+    def explain_forever() -> None:
+        while not stop.is_set():
+            start = time.perf_counter()
+            requests.post(f"{url}/predict", data=explained, timeout=300)
+            explanations.append(time.perf_counter() - start)
+
+    background = threading.Thread(target=explain_forever)
+    background.start()
+    time.sleep(2)  # the explanation is on a worker before the plain requests start
+    busy = load(url, [plain], total, 1)
+    stop.set()
+    background.join()
+    return {"idle": idle, "busy": busy, "explanation_seconds": statistics.fmean(explanations) if explanations else None}
+
+
+def encode_ms(answer: dict) -> float:
+    """The JSON encoding of one answer, as TorchServe's Python backend does it after the handler."""
+    return median_seconds(lambda: json.dumps(answer), 200) * 1000
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "ham10000-fullres")
+    parser.add_argument("--images", type=int, default=16, help="distinct photos sent round-robin")
+    parser.add_argument("--requests", type=int, default=240, help="requests per concurrency level")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16])
+    parser.add_argument("--models", nargs="+", default=["resnet18", "resnet34"])
+    parser.add_argument("--weights-dir", type=Path, default=ROOT / "model_store")
+    parser.add_argument("--model-config", type=Path, default=ROOT / "handler" / "model-config.yaml",
+                        help="per-version TorchServe settings packed into the archives (the lever under test)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads for the in-process floor")
+    parser.add_argument("--explain-load", action="store_true",
+                        help="also measure plain-prediction p99 while High explanations run (resnet34)")
+    args = parser.parse_args()
+
+    paths = sorted(args.data.glob("*.jpg"))[: args.images]
+    raw = [p.read_bytes() for p in paths]
+    photos = [decode_image(r) for r in raw]
+    bodies = [json.dumps({"image": base64.b64encode(r).decode()}).encode() for r in raw]
+    decode = median_seconds(lambda: [decode_image(r) for r in raw], 5) / len(raw) * 1000
+    print(f"{len(raw)} photos from {args.data} ({photos[0].width}x{photos[0].height}), "
+          f"{args.requests} requests per level, config {args.model_config}, {os.cpu_count()} cores")
+    settings = [line for line in args.model_config.read_text().splitlines() if line and not line.startswith("#")]
+    print(f"model config: {' | '.join(settings)}")
+
+    floors = {arch: floor(args.weights_dir / f"{arch}.pt", photos, args.threads) for arch in args.models}
+    torch.set_num_threads(1)  # the client side must not compete with the servers for the cores
+    with tempfile.TemporaryDirectory() as tmp:
+        service = Service(Path(tmp), args.model_config)
+        try:
+            results = {}
+            for arch in args.models:
+                serve.set_default(service.management, arch)
+                load(service.url, bodies, 16, 2)  # warm-up on the new default
+                for concurrency in args.concurrency:
+                    offset = service.model_log.stat().st_size
+                    before = service.torchserve_microseconds()
+                    result = load(service.url, bodies, args.requests, concurrency)
+                    result["torchserve_ms"] = (service.torchserve_microseconds() - before) / 1000 / args.requests
+                    result["handler"] = service.handler_ms(offset)
+                    results[arch, concurrency] = result
+            answer = requests.post(f"{service.url}/predict", data=bodies[0], timeout=60).json()
+            explain = None
+            if args.explain_load:
+                serve.set_default(service.management, "resnet34")
+                high = {**json.loads(bodies[0]), "explain": True, "precision": "High"}
+                explain = explain_load(service.url, bodies[0], json.dumps(high).encode(), max(60, args.requests // 4))
+        finally:
+            service.stop()
+
+    encode = encode_ms(answer)
+    print(f"\nFloor (in-process, same preprocessing, torch threads = {args.threads})")
+    print("| model | " + " | ".join(f"batch {b} img/s" for b in BATCH_SIZES) + " | best | 1-image latency |")
+    print("|---" * (len(BATCH_SIZES) + 3) + "|")
+    for arch, f in floors.items():
+        cells = " | ".join(f"{f['per_batch'][b]:.1f}" for b in BATCH_SIZES)
+        print(f"| {arch} | {cells} | {f['throughput']:.1f} (batch {f['best_batch']}) | {f['latency_ms']:.1f} ms |")
+
+    print("\nServed (client -> nginx -> TorchServe -> handler), full-size JPEGs")
+    print("| model | concurrency | img/s | x floor | p50 ms | p99 ms | errors | TorchServe ms | decode | preprocess | forward |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for (arch, concurrency), r in results.items():
+        errors = ", ".join(f"{k}: {v}" for k, v in r["errors"].items()) or "0"
+        h = r["handler"]
+        print(f"| {arch} | {concurrency} | {r['throughput']:.1f} | {r['throughput'] / floors[arch]['throughput']:.2f} | "
+              f"{r['p50']:.1f} | {r['p99']:.1f} | {errors} | {r['torchserve_ms']:.1f} | {h.get('decode', 0):.1f} | "
+              f"{h.get('preprocess', 0):.1f} | {h.get('forward', 0):.1f} |")
+    print(f"\ndecode in-process: {decode:.1f} ms per photo; encode (json.dumps of an answer): {encode:.3f} ms")
+
+    print("\nTargets")
+    print(f"| model | x floor at concurrency 8 (>= {MIN_THROUGHPUT_RATIO}) | added ms at concurrency 1 (< {MAX_ADDED_MS:.0f}) "
+          f"| worst error rate (<= {MAX_ERROR_RATE:.0%}) |")
+    print("|---|---|---|---|")
+    for arch in args.models:
+        ratio = results[arch, 8]["throughput"] / floors[arch]["throughput"] if (arch, 8) in results else float("nan")
+        added = results[arch, 1]["p50"] - floors[arch]["latency_ms"] if (arch, 1) in results else float("nan")
+        rate = max(sum(r["errors"].values()) / r["answered"] for (a, _), r in results.items() if a == arch)
+        print(f"| {arch} | {ratio:.2f} {'PASS' if ratio >= MIN_THROUGHPUT_RATIO else 'FAIL'} | "
+              f"{added:.1f} {'PASS' if added < MAX_ADDED_MS else 'FAIL'} | "
+              f"{rate:.1%} {'PASS' if rate <= MAX_ERROR_RATE else 'FAIL'} |")
+
+    if explain:
+        slowdown = explain["busy"]["p99"] / explain["idle"]["p99"]
+        print("\nPlain predictions (resnet34, sequential) while High explanations run back to back")
+        print("| | p50 ms | p99 ms | errors |")
+        print("|---|---|---|---|")
+        for name in ("idle", "busy"):
+            r = explain[name]
+            print(f"| {name} | {r['p50']:.1f} | {r['p99']:.1f} | {sum(r['errors'].values())} |")
+        seconds = explain["explanation_seconds"]
+        print(f"p99 busy / idle: {slowdown:.2f} {'PASS' if slowdown <= MAX_EXPLAIN_SLOWDOWN else 'FAIL'} "
+              f"(<= {MAX_EXPLAIN_SLOWDOWN:.0f}); a High explanation took {seconds or float('nan'):.1f} s meanwhile")
+
+
+if __name__ == "__main__":
+    main()
