@@ -1,0 +1,268 @@
+"""Load and worker-crash benchmark through the public door (nginx): every request must get an answer.
+
+    .venv/bin/python bench/load.py --start [--requests 400] [--concurrency 16] [--explain-every 10]
+    .venv/bin/python bench/load.py --url http://127.0.0.1:8089 --management-url http://127.0.0.1:8081 ...
+    ... --kill-worker-after 50     SIGKILL a worker of the default version once 50 answers are in
+
+--start runs its own service (serve.py's functions, free loopback ports, the weights in --model-store)
+and stops it afterwards. A mix of plain predictions and LIME explanations at Low goes to /predict from
+--concurrency threads, each with its own keep-alive session, until --requests are answered. The table
+gives, per request kind: successes, failures by status, malformed answers (not a JSON envelope, or a
+success without its fields), requests without an answer (timeouts, resets), p50/p99 latency. With
+--kill-worker-after, it also gives how long TorchServe took to replace the worker.
+Exit status 0 when every request was answered with a well-formed envelope, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import signal
+import socket
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # so that `python bench/load.py` finds serve.py without PYTHONPATH
+
+import serve  # noqa: E402
+
+DATA = Path(os.environ.get("SKIN_DATA_DIR", ROOT.parent / "shared" / "data")) / "ham10000-fullres"
+CLASS_COUNT = 7
+
+
+@dataclass(frozen=True)
+class Outcome:
+    kind: str  # "plain" or "explain"
+    started: float  # time.monotonic() when sent
+    seconds: float
+    status: int | None  # None: no HTTP answer at all
+    verdict: str  # "ok", "envelope", "malformed" or "no answer"
+    detail: str  # the error message, or what was wrong
+
+
+def judge(status: int, body: bytes, explain: bool) -> tuple[str, str]:
+    """("ok" | "envelope" | "malformed", detail) for one HTTP answer from /predict."""
+    try:
+        payload = json.loads(body)
+    except ValueError:
+        return "malformed", f"not JSON: {body[:60]!r}"
+    if not isinstance(payload, dict) or not isinstance(payload.get("success"), bool):
+        return "malformed", f"no envelope: {json.dumps(payload)[:80]}"
+    if payload["success"]:
+        fields_ok = status == 200 and len(payload.get("probabilities", {})) == CLASS_COUNT and "prediction" in payload
+        if explain:
+            fields_ok = fields_ok and "image_png" in payload.get("explanation", {})
+        return ("ok", "") if fields_ok else ("malformed", f"success without its fields: {sorted(payload)}")
+    if status < 400 or not isinstance(payload.get("error"), str) or not payload["error"]:
+        return "malformed", f"failure envelope with HTTP {status}: {json.dumps(payload)[:80]}"
+    return "envelope", payload["error"]
+
+
+def send(session: requests.Session, url: str, image_b64: str, explain: bool, timeout: float) -> Outcome:
+    body = {"image": image_b64, "explain": explain, "precision": "Low"} if explain else {"image": image_b64}
+    kind = "explain" if explain else "plain"
+    started = time.monotonic()
+    try:
+        response = session.post(f"{url}/predict", json=body, timeout=timeout)
+    except requests.RequestException as exc:
+        return Outcome(kind, started, time.monotonic() - started, None, "no answer", type(exc).__name__)
+    verdict, detail = judge(response.status_code, response.content, explain)
+    return Outcome(kind, started, time.monotonic() - started, response.status_code, verdict, detail)
+
+
+def run_load(url: str, images: list[bytes], total: int, concurrency: int = 16, explain_every: int = 10,
+             timeouts: tuple[float, float] = (30.0, 120.0), on_answer: Callable[[int], None] | None = None) -> list[Outcome]:
+    """Send `total` requests from `concurrency` threads; request i explains (LIME, Low) when
+    explain_every > 0 and i % explain_every == explain_every - 1. on_answer(n) runs after the n-th answer."""
+    encoded = [base64.b64encode(image).decode() for image in images]
+    outcomes: list[Outcome] = []
+    lock = threading.Lock()
+    next_index = iter(range(total))
+
+    def client() -> None:
+        with requests.Session() as session:
+            while True:
+                with lock:
+                    i = next(next_index, None)
+                if i is None:
+                    return
+                explain = explain_every > 0 and i % explain_every == explain_every - 1
+                outcome = send(session, url, encoded[i % len(encoded)], explain, timeouts[1] if explain else timeouts[0])
+                with lock:
+                    outcomes.append(outcome)
+                    answered = len(outcomes)
+                if on_answer:
+                    on_answer(answered)
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        for future in [pool.submit(client) for _ in range(concurrency)]:
+            future.result()
+    return outcomes
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100); NaN for no values."""
+    ordered = sorted(values)
+    return ordered[max(0, min(len(ordered) - 1, round(q / 100 * len(ordered) + 0.5) - 1))] if ordered else float("nan")
+
+
+def summarize(outcomes: list[Outcome]) -> dict[str, dict]:
+    """Per kind (and "all"): requests, ok, failures by status, malformed, no answer, p50/p99/max seconds."""
+    table = {}
+    for kind in ("plain", "explain", "all"):
+        rows = [o for o in outcomes if kind in ("all", o.kind)]
+        if not rows:
+            continue
+        seconds = [o.seconds for o in rows]
+        table[kind] = {
+            "requests": len(rows),
+            "ok": sum(o.verdict == "ok" for o in rows),
+            "failures": dict(Counter(f"{o.status}" for o in rows if o.verdict == "envelope")),
+            "malformed": sum(o.verdict == "malformed" for o in rows),
+            "no answer": sum(o.verdict == "no answer" for o in rows),
+            "p50 s": percentile(seconds, 50),
+            "p99 s": percentile(seconds, 99),
+            "max s": max(seconds),
+        }
+    return table
+
+
+def print_summary(table: dict[str, dict], wall: float) -> None:
+    columns = ["requests", "ok", "failures", "malformed", "no answer", "p50 s", "p99 s", "max s"]
+    rows = [["kind", *columns]]
+    for kind, row in table.items():
+        failures = ", ".join(f"{n} x HTTP {status}" for status, n in sorted(row["failures"].items())) or "0"
+        rows.append([kind, *(failures if c == "failures" else f"{row[c]:.2f}" if c.endswith(" s") else str(row[c])
+                             for c in columns)])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
+    total = table["all"]["requests"]
+    print(f"{total} requests in {wall:.1f} s: {total / wall:.1f} requests/s")
+
+
+def default_workers(management_url: str) -> tuple[str, list[int]]:
+    """The default version of "skin" and its worker pids, from the management API."""
+    status, described = serve.http_json("GET", f"{management_url}/models/skin")
+    if status != 200:
+        raise RuntimeError(f"cannot describe the model ({status}): {described}")
+    return described[0]["modelVersion"], [int(w["pid"]) for w in described[0]["workers"]]
+
+
+def kill_worker(management_url: str) -> tuple[int, float]:
+    """SIGKILL the first worker of the default version; (its pid, time.monotonic() of the kill)."""
+    _, pids = default_workers(management_url)
+    os.kill(pids[0], signal.SIGKILL)
+    return pids[0], time.monotonic()
+
+
+def wait_replaced(management_url: str, killed: int, expected_workers: int, timeout: float = 300) -> float:
+    """time.monotonic() once the default version has `expected_workers` READY workers again, none of them `killed`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status, described = serve.http_json("GET", f"{management_url}/models/skin")
+        workers = described[0]["workers"] if status == 200 else []
+        if (len(workers) == expected_workers and all(w["status"] == "READY" for w in workers)
+                and killed not in {int(w["pid"]) for w in workers}):
+            return time.monotonic()
+        time.sleep(0.2)
+    raise TimeoutError(f"worker {killed} was not replaced within {timeout:.0f} s")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_service(run_dir: Path, model_store: Path, model: str) -> tuple[str, str]:
+    """TorchServe + nginx on free loopback ports; (public URL, management URL)."""
+    ports = {"inference": free_port(), "management": free_port(), "metrics": free_port(), "grpc": free_port()}
+    management = serve.start_torchserve(run_dir, model_store, ports, model)
+    port = free_port()
+    serve.start_nginx(run_dir, f"127.0.0.1:{port}", [f"127.0.0.1:{ports['inference']}"])
+    url = f"http://127.0.0.1:{port}"
+    serve.wait_for(lambda: serve.health_ok(f"{url}/health"), "nginx /health", 30)
+    return url, management
+
+
+def load_images(folder: Path, count: int) -> list[bytes]:
+    paths = sorted(folder.glob("*.jpg"))[:count]
+    if not paths:
+        sys.exit(f"no .jpg images in {folder} (--images or SKIN_DATA_DIR)")
+    return [p.read_bytes() for p in paths]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--url", help="the service's base URL (http://host:port), already running")
+    target.add_argument("--start", action="store_true", help="start a service on free ports and stop it afterwards")
+    parser.add_argument("--management-url", default="http://127.0.0.1:8081", help="TorchServe's management API (with --url)")
+    parser.add_argument("--model-store", type=Path, default=ROOT / "model_store", help="archives for --start")
+    parser.add_argument("--model", default="resnet34", help="default version for --start")
+    parser.add_argument("--requests", type=int, default=400)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--explain-every", type=int, default=10, help="every N-th request explains (LIME, Low); 0: none")
+    parser.add_argument("--images", type=Path, default=DATA, help="folder of .jpg photos to send")
+    parser.add_argument("--kill-worker-after", type=int, metavar="N",
+                        help="SIGKILL a worker of the default version after N answers")
+    args = parser.parse_args(argv)
+    images = load_images(args.images, 16)
+    with tempfile.TemporaryDirectory(prefix="skin-load-") as tmp:
+        run_dir = Path(tmp)
+        if args.start:
+            print("starting TorchServe and nginx ...", file=sys.stderr)
+            url, management = start_service(run_dir, args.model_store.resolve(), args.model)
+        else:
+            url, management = args.url.rstrip("/"), args.management_url.rstrip("/")
+        try:
+            return run(args, url, management, images)
+        finally:
+            if args.start:
+                serve.stop_nginx(run_dir)
+                serve.stop_torchserve(run_dir)
+
+
+def run(args: argparse.Namespace, url: str, management: str, images: list[bytes]) -> int:
+    version, pids = default_workers(management)
+    killed: list[tuple[int, float]] = []
+
+    def maybe_kill(answered: int) -> None:
+        if args.kill_worker_after and answered == args.kill_worker_after:
+            killed.append(kill_worker(management))
+
+    started = time.monotonic()
+    outcomes = run_load(url, images, args.requests, args.concurrency, args.explain_every, on_answer=maybe_kill)
+    wall = time.monotonic() - started
+    table = summarize(outcomes)
+    print(f"default version {version}, {len(pids)} workers; {args.concurrency} clients; "
+          f"every {args.explain_every or 'no'}-th request explains (LIME, Low)")
+    print_summary(table, wall)
+    for message, n in Counter(f"{o.verdict}: {o.detail}" for o in outcomes if o.verdict != "ok").most_common():
+        print(f"  {n} x {message}")
+    if killed:
+        pid, at = killed[0]
+        replaced = wait_replaced(management, pid, len(pids)) - at
+        after = sorted((o for o in outcomes if o.started + o.seconds > at), key=lambda o: o.started + o.seconds)
+        failed = [o for o in after if o.verdict != "ok"]
+        first_ok = next((o.started + o.seconds - at for o in after if o.verdict == "ok"), float("nan"))
+        print(f"killed worker {pid} after {args.kill_worker_after} answers: {len(failed)} of the {len(after)} answers after "
+              f"the kill failed; first success {first_ok:.2f} s after it; worker replaced (READY) after {replaced:.1f} s")
+    return 0 if table["all"]["malformed"] == 0 and table["all"]["no answer"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
