@@ -8,9 +8,11 @@ finished overlay goes back to the photo's own size.
 from __future__ import annotations
 
 import base64
+import functools
 import io
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -86,6 +88,24 @@ class Explanation:
     score: float | None = None
 
 
+@functools.cache
+def native_bfloat16(device_type: str) -> bool:
+    """Whether the device computes bfloat16 natively: CUDA, or an x86 CPU with avx512_bf16 or AMX.
+
+    There LIME's perturbed images run in bfloat16: resnet34 at 108x144 on one core of this project's CPU,
+    batch 64, took 11.7 ms an image against 22.5 in float32, and the probabilities moved by at most 0.003,
+    which LIME's linear fit does not notice (bench/explain.py reports the stability). Elsewhere bfloat16 is
+    emulated and slower than float32, so float32 stays.
+    """
+    if device_type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return device_type == "cpu" and ("avx512_bf16" in flags or "amx_bf16" in flags)
+
+
 def lime_settings(precision: str) -> LimeSettings:
     if precision not in PRECISION_SETTINGS:
         raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISION_SETTINGS)}")
@@ -114,7 +134,8 @@ def explain_lime(predictor: Predictor, image: Image.Image, label: int, precision
     def classify(images: np.ndarray) -> np.ndarray:
         # lime hands over N x H x W x 3 uint8 images; the serving normalization turns them into model input.
         batch = normalize(torch.from_numpy(images).permute(0, 3, 1, 2))
-        return predictor.probabilities(batch, LIME_BATCH_SIZE).numpy()
+        with torch.autocast(predictor.device.type, torch.bfloat16, enabled=native_bfloat16(predictor.device.type)):
+            return predictor.probabilities(batch, LIME_BATCH_SIZE).numpy()
 
     # The explainer's random_state draws the perturbations; random_seed alone would only seed segmentation.
     explainer = lime_image.LimeImageExplainer(random_state=seed)

@@ -15,7 +15,8 @@ from skinlesion.model import CLASS_NAMES, load_checkpoint
 
 class Predictor:
     def __init__(self, model: nn.Module, arch: str, image_size: tuple[int, int], device: str = "cpu") -> None:
-        self.model = model.to(device).eval()
+        # channels_last: oneDNN's convolutions are about 12% faster on it (bench/explain.py prints both layouts).
+        self.model = model.to(device, memory_format=torch.channels_last).eval()
         self.arch = arch
         self.image_size = tuple(image_size)
         self.device = torch.device(device)
@@ -33,7 +34,7 @@ class Predictor:
         with torch.inference_mode():
             return torch.cat(
                 [
-                    self.model(chunk.to(self.device)).float().softmax(dim=1).cpu()
+                    self.model(chunk.to(self.device, memory_format=torch.channels_last)).float().softmax(dim=1).cpu()
                     for chunk in inputs.split(batch_size)
                 ]
             )
