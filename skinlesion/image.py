@@ -49,8 +49,9 @@ def decode_image(data: bytes) -> Image.Image:
         raise ImageError(f"the data is not a decodable image (accepted: {', '.join(ACCEPTED_FORMATS)})") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageError(f"the image has more than {MAX_IMAGE_PIXELS:,} pixels") from None
-    # Pillow's parsers signal malformed files with all of these; TypeError: a TIFF page without dimensions.
-    except (OSError, ValueError, TypeError, SyntaxError, EOFError, struct.error) as exc:
+    # Pillow's parsers signal malformed files with all of these. Found by fuzzing, on a TIFF's later pages
+    # (read when counting them): TypeError for a page without dimensions, KeyError for an unknown compression.
+    except (OSError, ValueError, TypeError, KeyError, SyntaxError, EOFError, struct.error) as exc:
         raise ImageError(f"the image is corrupt or truncated ({exc})") from None
 
 

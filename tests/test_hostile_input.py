@@ -289,25 +289,30 @@ def test_edge_bodies_are_400_envelopes(predictor, body, message: str) -> None:
     assert re.search(message, payload["error"]), payload["error"]
 
 
-def tiff_page_without_width() -> bytes:
-    """A two-page TIFF whose second page lacks its ImageWidth tag (the shape of fuzz/fuzz_decode.py's first crash)."""
+def tiff_with_broken_second_page(tag: int, *, rename_to: int | None = None, value: int | None = None) -> bytes:
+    """A two-page TIFF whose second page has `tag` renamed, or its SHORT value replaced: the shapes of the
+    crashes fuzz/fuzz_decode.py found (Pillow reads the later pages only when decode_image counts them)."""
     buffer = io.BytesIO()
     photo().save(buffer, "TIFF", save_all=True, append_images=[photo()])
     data = bytearray(buffer.getvalue())
     first = struct.unpack_from("<I", data, 4)[0]
     second = struct.unpack_from("<I", data, first + 2 + 12 * struct.unpack_from("<H", data, first)[0])[0]
-    for entry in range(struct.unpack_from("<H", data, second)[0]):
-        at = second + 2 + 12 * entry
-        if struct.unpack_from("<H", data, at)[0] == 256:  # ImageWidth becomes an unknown private tag
-            struct.pack_into("<H", data, at, 0x8000)
+    entries = range(second + 2, second + 2 + 12 * struct.unpack_from("<H", data, second)[0], 12)
+    at = next(at for at in entries if struct.unpack_from("<H", data, at)[0] == tag)
+    if rename_to is not None:
+        struct.pack_into("<H", data, at, rename_to)
+    else:
+        struct.pack_into("<H", data, at + 8, value)
     return bytes(data)
 
 
-def test_a_tiff_page_without_dimensions_is_a_400_not_a_crash(predictor) -> None:
-    # Pillow raises TypeError("Missing dimensions") while counting the pages; it used to escape respond().
+@pytest.mark.parametrize("data", [tiff_with_broken_second_page(256, rename_to=0x8000),  # no ImageWidth: TypeError
+                                  tiff_with_broken_second_page(259, value=33002)],  # unknown Compression: KeyError
+                         ids=["page-without-width", "page-with-unknown-compression"])
+def test_a_tiff_with_a_broken_later_page_is_a_400_not_a_crash(predictor, data: bytes) -> None:
     with pytest.raises(ImageError, match="corrupt"):
-        decode_image(tiff_page_without_width())
-    assert_refused(*answer(predictor, {"image": base64.b64encode(tiff_page_without_width()).decode()}))
+        decode_image(data)
+    assert_refused(*answer(predictor, {"image": base64.b64encode(data).decode()}))
 
 
 @pytest.mark.parametrize(("size", "accepted"), [((10_000, 5_000), True), ((2_217, 22_553), False)],
