@@ -28,9 +28,11 @@ DEFAULT_MANAGEMENT_URL = "http://127.0.0.1:8081"
 # Seconds to wait for an answer: plain predictions, or explanations per precision. TorchServe gives
 # up after 180 s and nginx after 200 s, so for High the server reports its own timeout first.
 TIMEOUTS = {"plain": 30.0, "Low": 60.0, "Medium": 120.0, "High": 240.0}
-# 502/503: TorchServe down or restarting; 507: TorchServe's "Worker died." for the request a crashed worker
-# held (predictions are idempotent, and the other workers or the restarted one can answer it).
-RETRY_STATUSES = (502, 503, 507)
+# 502/503: TorchServe down or restarting. 500/507: what TorchServe answers for the request a crashed worker
+# held ("Worker died.", 507 when it has seen exit status 137, else 500); nginx's 500 envelope says "try
+# again". Predictions are idempotent, so a retry is safe; a request the model itself fails on (also 500)
+# is tried 4 times in all, a bounded cost.
+RETRY_STATUSES = (500, 502, 503, 507)
 BACKOFF = 0.5  # seconds before the first retry, doubled for each next one: 0.5, 1, 2
 # The server's choices (skinlesion.service, serve.py), repeated here so the client never imports torch.
 PRECISIONS = ("Low", "Medium", "High")
@@ -55,7 +57,7 @@ def reason(exc: BaseException) -> str:
 
 def post_predict(url: str, image: bytes, explain: bool = False, precision: str = "Medium", method: str = "lime",
                  timeout: float | None = None, retries: int = 3) -> dict:
-    """POST one image; returns the JSON envelope, success or failure. 502/503/507 answers and connection
+    """POST one image; returns the JSON envelope, success or failure. 500/502/503/507 answers and connection
     errors are retried `retries` times with exponential backoff; other trouble raises ClientError."""
     if timeout is None:
         timeout = TIMEOUTS.get(precision.capitalize(), TIMEOUTS["High"]) if explain else TIMEOUTS["plain"]
