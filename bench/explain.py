@@ -23,6 +23,7 @@ from lime import lime_image
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
+os.environ.setdefault("TQDM_DISABLE", "1")  # lime draws a progress bar per explanation
 sys.path.insert(0, str(ROOT))  # so that `python bench/explain.py` finds the package without PYTHONPATH
 
 from skinlesion import explain  # noqa: E402
@@ -55,19 +56,19 @@ def forward_seconds(predictor: Predictor, photo: Image.Image) -> dict[tuple[str,
     """Seconds per image of the bare forward pass, for each memory layout and batch size (median of runs)."""
     one = predictor.preprocess(photo).unsqueeze(0)
     times = {}
-    with torch.inference_mode():
-        for layout, batch_size in itertools.product(LAYOUTS, BATCH_SIZES):
-            memory_format, bfloat16 = LAYOUTS[layout]
-            batch = one.repeat(batch_size, 1, 1, 1).contiguous(memory_format=memory_format)
-            predictor.model.to(memory_format=memory_format)
-            with torch.autocast("cpu", torch.bfloat16, enabled=bfloat16):
-                predictor.model(batch)  # warm-up: first calls pick kernels and allocate
-                runs = []
-                for _ in range(max(3, 128 // batch_size)):
-                    started = time.perf_counter()
-                    predictor.model(batch)
-                    runs.append((time.perf_counter() - started) / batch_size)
-            times[layout, batch_size] = statistics.median(runs)
+    for layout, batch_size in itertools.product(LAYOUTS, BATCH_SIZES):
+        memory_format, bfloat16 = LAYOUTS[layout]
+        batch = one.repeat(batch_size, 1, 1, 1).contiguous(memory_format=memory_format)
+        # Outside inference mode: parameters converted inside it could never take part in autograd (Grad-CAM).
+        predictor.model.to(memory_format=memory_format)
+        with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=bfloat16):
+            predictor.model(batch)  # warm-up: first calls pick kernels and allocate
+            runs = []
+            for _ in range(max(3, 128 // batch_size)):
+                started = time.perf_counter()
+                predictor.model(batch)
+                runs.append((time.perf_counter() - started) / batch_size)
+        times[layout, batch_size] = statistics.median(runs)
     predictor.model.to(memory_format=torch.channels_last)  # as Predictor keeps it
     return times
 

@@ -17,6 +17,8 @@ class Predictor:
     def __init__(self, model: nn.Module, arch: str, image_size: tuple[int, int], device: str = "cpu") -> None:
         # channels_last: oneDNN's convolutions are about 12% faster on it (bench/explain.py prints both layouts).
         self.model = model.to(device, memory_format=torch.channels_last).eval()
+        # Every architecture is a torchvision ResNet: all its children but the classifier `fc`, in order.
+        self.trunk = nn.Sequential(*list(self.model.children())[:-1])
         self.arch = arch
         self.image_size = tuple(image_size)
         self.device = torch.device(device)
@@ -29,15 +31,20 @@ class Predictor:
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         return preprocess(image, self.image_size)
 
-    def probabilities(self, inputs: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-        """Softmax probabilities (N x 7, on the CPU) for preprocessed inputs (N x 3 x H x W)."""
+    def probabilities(self, inputs: torch.Tensor, batch_size: int = 64, bfloat16: bool = False) -> torch.Tensor:
+        """Softmax probabilities (N x 7, on the CPU) for preprocessed inputs (N x 3 x H x W).
+
+        `bfloat16` runs the convolutional trunk in bfloat16 (LIME's perturbed images: about 2x faster where the
+        hardware has it) and keeps the classifier in float32: logits rounded to bfloat16's 8 bits made LIME's
+        ranking of regions change from seed to seed (top-5 IoU 0.78 against 1.00 on a HAM10000 photo).
+        """
+        answers = []
         with torch.inference_mode():
-            return torch.cat(
-                [
-                    self.model(chunk.to(self.device, memory_format=torch.channels_last)).float().softmax(dim=1).cpu()
-                    for chunk in inputs.split(batch_size)
-                ]
-            )
+            for chunk in inputs.split(batch_size):
+                with torch.autocast(self.device.type, torch.bfloat16, enabled=bfloat16):
+                    features = self.trunk(chunk.to(self.device, memory_format=torch.channels_last))
+                answers.append(self.model.fc(features.float().flatten(1)).softmax(dim=1).cpu())
+        return torch.cat(answers)
 
     def describe(self, probabilities: torch.Tensor) -> dict:
         """The response fields for one image's probability vector."""

@@ -7,6 +7,7 @@ import io
 import json
 
 import pytest
+import torch
 from PIL import Image
 
 from skinlesion.image import decode_image
@@ -65,6 +66,17 @@ def test_predictor_returns_seven_probabilities_summing_to_one(predictor, fullres
     assert result["prediction"] == max(result["probabilities"], key=result["probabilities"].get)
     assert result["probability"] == max(result["probabilities"].values())
     assert result["model"] == "resnet18"
+
+
+def test_probabilities_are_the_network_s_softmax_and_bfloat16_stays_close(predictor, fullres_images) -> None:
+    inputs = torch.stack([predictor.preprocess(decode_image(p.read_bytes())) for p in fullres_images[:4]])
+    exact = predictor.probabilities(inputs)
+    with torch.inference_mode():
+        reference = predictor.model(inputs).softmax(dim=1)
+    assert torch.allclose(exact, reference, atol=1e-5)
+    fast = predictor.probabilities(inputs, bfloat16=True)
+    assert fast.dtype == torch.float32 and torch.allclose(fast.sum(dim=1), torch.ones(4), atol=1e-5)
+    assert torch.allclose(fast, exact, atol=0.02) and not torch.equal(fast, exact)
 
 
 def test_respond_batches_good_and_bad_bodies_independently(predictor) -> None:
