@@ -17,13 +17,15 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+# Before lime imports tqdm, which reads it then: lime draws a progress bar per explanation.
+os.environ.setdefault("TQDM_DISABLE", "1")
+
 import numpy as np
 import torch
 from lime import lime_image
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
-os.environ.setdefault("TQDM_DISABLE", "1")  # lime draws a progress bar per explanation
 sys.path.insert(0, str(ROOT))  # so that `python bench/explain.py` finds the package without PYTHONPATH
 
 from skinlesion import explain  # noqa: E402
