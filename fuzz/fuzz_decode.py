@@ -1,8 +1,8 @@
 """Coverage-guided fuzzing of the request path's parsing and image decoding (atheris on libFuzzer).
 
-    .venv/bin/python fuzz/fuzz_decode.py -max_total_time=300 -timeout=20 fuzz/corpus
+    .venv/bin/python fuzz/fuzz_decode.py -max_total_time=300 -timeout=20 -artifact_prefix=fuzz/crashes/ fuzz/corpus
     .venv/bin/python fuzz/fuzz_decode.py -runs=20000 fuzz/corpus          # a fixed number of inputs
-    .venv/bin/python fuzz/fuzz_decode.py crash-0123abcd...                # replay one input
+    .venv/bin/python fuzz/fuzz_decode.py fuzz/crashes/crash-0123abcd...   # replay one input
 
 Each input is used twice: as a /predict body (parse_request, then decode_image on its image) and as
 image bytes (decode_image), which is how the fuzzer reaches the decoders fastest. RequestError and
@@ -92,6 +92,9 @@ def main() -> None:
     # Pillow warns on every malformed tag or chunk; printing those would flood the log and slow the run.
     # decode_image still turns DecompressionBombWarning into an error inside its own catch_warnings().
     warnings.simplefilter("ignore")
+    for arg in sys.argv[1:]:
+        if arg.startswith("-artifact_prefix="):  # libFuzzer writes crash files there but does not create it
+            os.makedirs(os.path.dirname(arg.split("=", 1)[1]) or ".", exist_ok=True)
     paths = [Path(arg) for arg in sys.argv[1:] if not arg.startswith("-")]
     if paths and (not paths[0].exists() or paths[0].is_dir() and not any(paths[0].iterdir())):
         paths[0].mkdir(parents=True, exist_ok=True)
