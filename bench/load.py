@@ -27,7 +27,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -161,11 +161,19 @@ def default_workers(management_url: str) -> tuple[str, list[int]]:
     return described[0]["modelVersion"], [int(w["pid"]) for w in described[0]["workers"]]
 
 
-def kill_worker(management_url: str) -> tuple[int, float]:
-    """SIGKILL the first worker of the default version; (its pid, time.monotonic() of the kill)."""
+@dataclass(frozen=True)
+class Kill:
+    pid: int
+    at: float  # time.monotonic() of the SIGKILL
+    replaced: Future  # time.monotonic() once a new worker is READY in its place, watched from the kill on
+
+
+def kill_worker(management_url: str, watcher: Executor) -> Kill:
+    """SIGKILL the first worker of the default version and watch, on `watcher`, for its replacement."""
     _, pids = default_workers(management_url)
     os.kill(pids[0], signal.SIGKILL)
-    return pids[0], time.monotonic()
+    at = time.monotonic()
+    return Kill(pids[0], at, watcher.submit(wait_replaced, management_url, pids[0], len(pids)))
 
 
 def wait_replaced(management_url: str, killed: int, expected_workers: int, timeout: float = 300) -> float:
@@ -238,15 +246,17 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace, url: str, management: str, images: list[bytes]) -> int:
     version, pids = default_workers(management)
-    killed: list[tuple[int, float]] = []
+    killed: list[Kill] = []
 
     def maybe_kill(answered: int) -> None:
         if args.kill_worker_after and answered == args.kill_worker_after:
-            killed.append(kill_worker(management))
+            killed.append(kill_worker(management, watcher))
 
-    started = time.monotonic()
-    outcomes = run_load(url, images, args.requests, args.concurrency, args.explain_every, on_answer=maybe_kill)
-    wall = time.monotonic() - started
+    with ThreadPoolExecutor(1) as watcher:
+        started = time.monotonic()
+        outcomes = run_load(url, images, args.requests, args.concurrency, args.explain_every, on_answer=maybe_kill)
+        wall = time.monotonic() - started
+        replaced = killed[0].replaced.result() - killed[0].at if killed else None
     table = summarize(outcomes)
     print(f"default version {version}, {len(pids)} workers; {args.concurrency} clients; "
           f"every {args.explain_every or 'no'}-th request explains (LIME, Low)")
@@ -254,13 +264,12 @@ def run(args: argparse.Namespace, url: str, management: str, images: list[bytes]
     for message, n in Counter(f"{o.verdict}: {o.detail}" for o in outcomes if o.verdict != "ok").most_common():
         print(f"  {n} x {message}")
     if killed:
-        pid, at = killed[0]
-        replaced = wait_replaced(management, pid, len(pids)) - at
-        after = sorted((o for o in outcomes if o.started + o.seconds > at), key=lambda o: o.started + o.seconds)
+        kill = killed[0]
+        after = sorted((o for o in outcomes if o.started + o.seconds > kill.at), key=lambda o: o.started + o.seconds)
         failed = [o for o in after if o.verdict != "ok"]
-        first_ok = next((o.started + o.seconds - at for o in after if o.verdict == "ok"), float("nan"))
-        print(f"killed worker {pid} after {args.kill_worker_after} answers: {len(failed)} of the {len(after)} answers after "
-              f"the kill failed; first success {first_ok:.2f} s after it; worker replaced (READY) after {replaced:.1f} s")
+        first_ok = next((o.started + o.seconds - kill.at for o in after if o.verdict == "ok"), float("nan"))
+        print(f"killed worker {kill.pid} after {args.kill_worker_after} answers: {len(failed)} of the {len(after)} answers "
+              f"after the kill failed; first success {first_ok:.2f} s after it; worker replaced (READY) after {replaced:.1f} s")
     return 0 if table["all"]["malformed"] == 0 and table["all"]["no answer"] == 0 else 1
 
 

@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -73,17 +74,17 @@ def test_sixteen_concurrent_clients_all_get_well_formed_answers(service, images)
 
 
 def test_a_worker_killed_under_load_is_replaced_and_no_request_hangs(service, images) -> None:
-    version, pids = load.default_workers(service.management_url)
-    killed: list[tuple[int, float]] = []
+    version, _ = load.default_workers(service.management_url)
+    killed: list[load.Kill] = []
 
     def kill_once(answered: int) -> None:
         if answered == 8:
-            killed.append(load.kill_worker(service.management_url))
+            killed.append(load.kill_worker(service.management_url, watcher))
 
-    outcomes = load.run_load(service.url, images, total=64, concurrency=16, explain_every=0, on_answer=kill_once)
-    pid, at = killed[0]
-    replaced = load.wait_replaced(service.management_url, pid, len(pids), timeout=300) - at
-    print(f"worker {pid} of {version} replaced after {replaced:.1f} s; answers: {load.summarize(outcomes)['all']}")
+    with ThreadPoolExecutor(1) as watcher:
+        outcomes = load.run_load(service.url, images, total=64, concurrency=16, explain_every=0, on_answer=kill_once)
+        replaced = killed[0].replaced.result() - killed[0].at  # waits for the replacement (or wait_replaced's timeout)
+    print(f"worker {killed[0].pid} of {version} replaced after {replaced:.1f} s; answers: {load.summarize(outcomes)['all']}")
     assert len(outcomes) == 64
     assert all(o.status is not None for o in outcomes), "a request got no answer at all"
     assert max(o.seconds for o in outcomes) < 30  # the client's timeout for plain predictions: no hang
