@@ -85,10 +85,6 @@ def test_path_variants_do_not_reach_torchserve(service, path: str) -> None:
         assert json.loads(body)["success"] is False
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="proxy/nginx.conf has no error_page 400: a request nginx itself finds malformed (here an "
-                   "encoded '..' above the root) gets nginx's HTML page; it needs a URI-based internal location, since "
-                   "a named one fails on a malformed URI, and the proxied locations must keep the handler's own 400s")
 def test_a_malformed_request_path_gets_the_envelope(service) -> None:
     status, body = raw_request(service, "GET", "/%2e%2e/models")
     assert status == 400
@@ -228,9 +224,6 @@ def test_allowed_urls_refuses_urls_outside_the_store(open_model_api: str, outsid
         unregister_all(open_model_api)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="config.properties' allowed_urls (file://.*/model_store/[^/]+\\.mar) admits a .mar in any "
-                   "folder named model_store anywhere on disk, which TorchServe then copies into the store and loads")
 def test_allowed_urls_refuses_an_archive_in_another_model_store_folder(open_model_api: str, outside: Outside) -> None:
     try:
         status, answer = register(open_model_api, outside.model_store_lookalike)
