@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -194,21 +195,41 @@ def torchserve_ports(args: argparse.Namespace) -> dict[str, int]:
             "metrics": args.metrics_port, "grpc": args.grpc_port}
 
 
+def free_port() -> int:
+    """A loopback port nothing listens on now (tests and benchmarks run the service beside others)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def free_ports() -> dict[str, int]:
+    return {"inference": free_port(), "management": free_port(), "metrics": free_port(), "grpc": free_port()}
+
+
+def start_service(run_dir: Path, model_store: Path, ports: dict[str, int], listen: str, default: str,
+                  timeout: float = 180) -> tuple[str, str]:
+    """TorchServe with every version behind nginx on `listen`; (public URL, management URL) once /health answers."""
+    management = start_torchserve(run_dir, model_store, ports, default, timeout)
+    start_nginx(run_dir, listen, [f"127.0.0.1:{ports['inference']}"])
+    url = f"http://{listen}"
+    wait_for(lambda: health_ok(f"{url}/health"), "nginx /health", 30)
+    return url, management
+
+
+def stop_service(run_dir: Path) -> None:
+    stop_nginx(run_dir)
+    stop_torchserve(run_dir)
+
+
 def start(args: argparse.Namespace) -> None:
     run_dir = args.run_dir.resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    ports = torchserve_ports(args)
-    start_torchserve(run_dir, args.model_store.resolve(), ports, args.model)
-    start_nginx(run_dir, f"{args.host}:{args.port}", [f"127.0.0.1:{args.inference_port}"])
-    url = f"http://{args.host}:{args.port}"
-    wait_for(lambda: health_ok(f"{url}/health"), "nginx /health", 30)
+    url, _ = start_service(run_dir, args.model_store.resolve(), torchserve_ports(args), f"{args.host}:{args.port}", args.model)
     print(f"serving {args.model} (default) at {url}/predict   logs: {run_dir}")
 
 
 def stop(args: argparse.Namespace) -> None:
-    run_dir = args.run_dir.resolve()
-    stop_nginx(run_dir)
-    stop_torchserve(run_dir)
+    stop_service(args.run_dir.resolve())
     print("stopped")
 
 

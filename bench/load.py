@@ -20,7 +20,6 @@ import base64
 import json
 import os
 import signal
-import socket
 import sys
 import tempfile
 import threading
@@ -189,23 +188,6 @@ def wait_replaced(management_url: str, killed: int, expected_workers: int, timeo
     raise TimeoutError(f"worker {killed} was not replaced within {timeout:.0f} s")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_service(run_dir: Path, model_store: Path, model: str) -> tuple[str, str]:
-    """TorchServe + nginx on free loopback ports; (public URL, management URL)."""
-    ports = {"inference": free_port(), "management": free_port(), "metrics": free_port(), "grpc": free_port()}
-    management = serve.start_torchserve(run_dir, model_store, ports, model)
-    port = free_port()
-    serve.start_nginx(run_dir, f"127.0.0.1:{port}", [f"127.0.0.1:{ports['inference']}"])
-    url = f"http://127.0.0.1:{port}"
-    serve.wait_for(lambda: serve.health_ok(f"{url}/health"), "nginx /health", 30)
-    return url, management
-
-
 def load_images(folder: Path, count: int) -> list[bytes]:
     paths = sorted(folder.glob("*.jpg"))[:count]
     if not paths:
@@ -233,15 +215,15 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = Path(tmp)
         if args.start:
             print("starting TorchServe and nginx ...", file=sys.stderr)
-            url, management = start_service(run_dir, args.model_store.resolve(), args.model)
+            url, management = serve.start_service(run_dir, args.model_store.resolve(), serve.free_ports(),
+                                                  f"127.0.0.1:{serve.free_port()}", args.model)
         else:
             url, management = args.url.rstrip("/"), args.management_url.rstrip("/")
         try:
             return run(args, url, management, images)
         finally:
             if args.start:
-                serve.stop_nginx(run_dir)
-                serve.stop_torchserve(run_dir)
+                serve.stop_service(run_dir)
 
 
 def run(args: argparse.Namespace, url: str, management: str, images: list[bytes]) -> int:

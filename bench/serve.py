@@ -16,14 +16,13 @@ import base64
 import json
 import os
 import re
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections import Counter
 from pathlib import Path
 
 import requests
@@ -33,6 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # so that `python bench/serve.py` finds the package without PYTHONPATH
 
 import serve  # noqa: E402
+from bench.load import percentile, run_load  # noqa: E402
 from skinlesion.image import decode_image  # noqa: E402
 from skinlesion.predictor import Predictor  # noqa: E402
 
@@ -42,11 +42,6 @@ MIN_THROUGHPUT_RATIO = 0.7  # served at concurrency 8 / floor
 MAX_ADDED_MS = 25.0  # served p50 at concurrency 1 minus the in-process single-image latency
 MAX_ERROR_RATE = 0.01
 MAX_EXPLAIN_SLOWDOWN = 3.0  # p99 of plain predictions while a High explanation runs / idle p99
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
 def median_seconds(run, repeats: int) -> float:
@@ -72,12 +67,6 @@ def floor(weights: Path, photos: list, threads: int) -> dict:
     return {"throughput": per_batch[best], "best_batch": best, "latency_ms": latency * 1000, "per_batch": per_batch}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Service:
     """The real stack on free ports: TorchServe with both versions behind nginx, archives built by archive.sh."""
 
@@ -88,17 +77,13 @@ class Service:
         env = dict(os.environ, MODEL_STORE=str(store), MODEL_CONFIG=str(model_config.resolve()),
                    ARCHIVER=str(Path(sys.executable).parent / "torch-model-archiver"))
         subprocess.run([str(ROOT / "archive.sh")], env=env, check=True, capture_output=True)
-        self.ports = {"inference": free_port(), "management": free_port(), "metrics": free_port(), "grpc": free_port()}
-        port = free_port()
-        self.management = serve.start_torchserve(self.run_dir, store, self.ports, "resnet34", timeout=300)
-        serve.start_nginx(self.run_dir, f"127.0.0.1:{port}", [f"127.0.0.1:{self.ports['inference']}"])
-        self.url = f"http://127.0.0.1:{port}"
-        serve.wait_for(lambda: serve.health_ok(f"{self.url}/health"), "nginx /health", 30)
+        self.ports = serve.free_ports()
+        self.url, self.management = serve.start_service(self.run_dir, store, self.ports, f"127.0.0.1:{serve.free_port()}",
+                                                        "resnet34", timeout=300)
         self.model_log = self.run_dir / "torchserve" / "model_log.log"
 
     def stop(self) -> None:
-        serve.stop_nginx(self.run_dir)
-        serve.stop_torchserve(self.run_dir)
+        serve.stop_service(self.run_dir)
 
     def torchserve_microseconds(self) -> float:
         """TorchServe's cumulative inference latency over every version of "skin" (its Prometheus counter)."""
@@ -121,53 +106,34 @@ class Service:
         return {key: value / max(requests_seen, 1) for key, value in totals.items()}
 
 
-def load(url: str, bodies: list[bytes], total: int, concurrency: int) -> dict:
-    """`total` POSTs from `concurrency` threads; latencies of every answer and errors by kind."""
-    latencies: list[float] = []
-    errors: dict[str, int] = {}
-    lock = threading.Lock()
-    local = threading.local()
-
-    def one(i: int) -> None:
-        session = getattr(local, "session", None) or requests.Session()
-        local.session = session
-        start = time.perf_counter()
-        try:
-            response = session.post(f"{url}/predict", data=bodies[i % len(bodies)], timeout=120)
-            ok = response.status_code == 200 and response.json().get("success") is True
-            kind = None if ok else f"HTTP {response.status_code}"
-        except (requests.RequestException, ValueError) as exc:
-            kind = type(exc).__name__
-        with lock:
-            latencies.append(time.perf_counter() - start)
-            if kind:
-                errors[kind] = errors.get(kind, 0) + 1
-
+def load(url: str, photos: list[bytes], total: int, concurrency: int) -> dict:
+    """`total` plain predictions from `concurrency` clients (bench/load.py's load generator)."""
     start = time.perf_counter()
-    with ThreadPoolExecutor(concurrency) as pool:
-        list(pool.map(one, range(total)))
+    outcomes = run_load(url, photos, total, concurrency, explain_every=0)
     wall = time.perf_counter() - start
-    ms = [s * 1000 for s in latencies]
-    return {"throughput": total / wall, "p50": percentile(ms, 50), "p99": percentile(ms, 99),
-            "mean": statistics.fmean(ms), "errors": errors, "answered": len(ms)}
+    ms = [o.seconds * 1000 for o in outcomes]
+    errors = Counter(f"HTTP {o.status}" if o.status else o.verdict for o in outcomes if o.verdict != "ok")
+    return {"throughput": total / wall, "p50": percentile(ms, 50), "p99": percentile(ms, 99), "errors": dict(errors),
+            "answered": len(ms)}
 
 
-def explain_load(url: str, plain: bytes, explained: bytes, total: int) -> dict:
+def explain_load(url: str, photo: bytes, total: int) -> dict:
     """p99 of sequential plain predictions, idle and while High explanations run back to back."""
-    idle = load(url, [plain], total, 1)
+    idle = load(url, [photo], total, 1)
+    explained = {"image": base64.b64encode(photo).decode(), "explain": True, "precision": "High"}
     stop = threading.Event()
     explanations: list[float] = []
 
     def explain_forever() -> None:
         while not stop.is_set():
             start = time.perf_counter()
-            requests.post(f"{url}/predict", data=explained, timeout=300)
+            requests.post(f"{url}/predict", json=explained, timeout=300)
             explanations.append(time.perf_counter() - start)
 
     background = threading.Thread(target=explain_forever)
     background.start()
     time.sleep(2)  # the explanation is on a worker before the plain requests start
-    busy = load(url, [plain], total, 1)
+    busy = load(url, [photo], total, 1)
     stop.set()
     background.join()
     return {"idle": idle, "busy": busy, "explanation_seconds": statistics.fmean(explanations) if explanations else None}
@@ -196,8 +162,6 @@ def main() -> None:
     paths = sorted(args.data.glob("*.jpg"))[: args.images]
     raw = [p.read_bytes() for p in paths]
     photos = [decode_image(r) for r in raw]
-    bodies = [json.dumps({"image": base64.b64encode(r).decode()}).encode() for r in raw]
-    decode = median_seconds(lambda: [decode_image(r) for r in raw], 5) / len(raw) * 1000
     print(f"{len(raw)} photos from {args.data} ({photos[0].width}x{photos[0].height}), "
           f"{args.requests} requests per level, config {args.model_config}, {os.cpu_count()} cores")
     settings = [line for line in args.model_config.read_text().splitlines() if line and not line.startswith("#")]
@@ -211,20 +175,19 @@ def main() -> None:
             results = {}
             for arch in args.models:
                 serve.set_default(service.management, arch)
-                load(service.url, bodies, 16, 2)  # warm-up on the new default
+                load(service.url, raw, 16, 2)  # warm-up on the new default
                 for concurrency in args.concurrency:
                     offset = service.model_log.stat().st_size
                     before = service.torchserve_microseconds()
-                    result = load(service.url, bodies, args.requests, concurrency)
+                    result = load(service.url, raw, args.requests, concurrency)
                     result["torchserve_ms"] = (service.torchserve_microseconds() - before) / 1000 / args.requests
                     result["handler"] = service.handler_ms(offset)
                     results[arch, concurrency] = result
-            answer = requests.post(f"{service.url}/predict", data=bodies[0], timeout=60).json()
+            answer = requests.post(f"{service.url}/predict", json={"image": base64.b64encode(raw[0]).decode()}, timeout=60).json()
             explain = None
             if args.explain_load:
                 serve.set_default(service.management, "resnet34")
-                high = {**json.loads(bodies[0]), "explain": True, "precision": "High"}
-                explain = explain_load(service.url, bodies[0], json.dumps(high).encode(), max(60, args.requests // 4))
+                explain = explain_load(service.url, raw[0], max(60, args.requests // 4))
         finally:
             service.stop()
 
@@ -245,7 +208,7 @@ def main() -> None:
         print(f"| {arch} | {concurrency} | {r['throughput']:.1f} | {r['throughput'] / floors[arch]['throughput']:.2f} | "
               f"{r['p50']:.1f} | {r['p99']:.1f} | {errors} | {r['torchserve_ms']:.1f} | {h.get('decode', 0):.1f} | "
               f"{h.get('preprocess', 0):.1f} | {h.get('forward', 0):.1f} |")
-    print(f"\ndecode in-process: {decode:.1f} ms per photo; encode (json.dumps of an answer): {encode:.3f} ms")
+    print(f"\nencode (json.dumps of an answer, after the handler): {encode:.3f} ms")
 
     print("\nTargets")
     print(f"| model | x floor at concurrency 8 (>= {MIN_THROUGHPUT_RATIO}) | added ms at concurrency 1 (< {MAX_ADDED_MS:.0f}) "

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import base64
 import os
-import socket
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import torch
 
+from serve import free_port
 from skinlesion.model import ARCHITECTURES, DEFAULT_IMAGE_SIZE, build_model, save_checkpoint
 from skinlesion.predictor import Predictor
 
@@ -21,10 +26,38 @@ FULLRES = DATA / "ham10000-fullres"
 HAM10000 = DATA / "ham10000"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class ScriptedHandler(BaseHTTPRequestHandler):
+    """Answers each GET or POST with the server's next (status, body) from `answers`, repeating the last."""
+
+    def answer(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        server = self.server
+        status, body = server.answers[min(server.hits, len(server.answers) - 1)]
+        server.hits += 1
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST = answer
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@contextmanager
+def http_stub(answers: list[tuple[int, bytes]]) -> Iterator[ThreadingHTTPServer]:
+    """A scripted HTTP server on a free loopback port: `.answers` (settable), `.hits`, `.url` (its /predict)."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), ScriptedHandler)
+    server.answers, server.hits = list(answers), 0
+    server.url = f"http://127.0.0.1:{server.server_address[1]}/predict"
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 @pytest.fixture(scope="session")
@@ -33,6 +66,12 @@ def fullres_images() -> list[Path]:
     if not images:
         pytest.fail(f"no full-size HAM10000 images under {FULLRES} (set SKIN_DATA_DIR)")
     return images
+
+
+@pytest.fixture(scope="session")
+def image_b64(fullres_images: list[Path]) -> str:
+    """The first full-size photo, base64 as a /predict body carries it."""
+    return base64.b64encode(fullres_images[0].read_bytes()).decode()
 
 
 @pytest.fixture(scope="session")
@@ -98,6 +137,10 @@ def service(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Serv
         run_dir=run_dir,
         start_args=args,
     )
-    svc.start()
+    try:
+        svc.start()
+    except Exception:
+        svc.stop()  # whatever part did start
+        raise
     yield svc
     svc.stop()

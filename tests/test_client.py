@@ -3,32 +3,23 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import requests
 
 import client
-from serve import set_default
+from serve import free_port, set_default
 from skinlesion.model import CLASS_NAMES
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.conftest import ROOT, http_stub
 
 
 def run_client(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "client.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_one_image_prints_a_table_with_the_class(service, fullres_images) -> None:
@@ -91,7 +82,7 @@ def test_a_non_image_file_shows_the_servers_error(service, tmp_path: Path) -> No
 
 
 def test_an_unreachable_server_is_one_line_without_traceback(fullres_images) -> None:
-    url = f"http://127.0.0.1:{closed_port()}/predict"
+    url = f"http://127.0.0.1:{free_port()}/predict"
     result = run_client("--url", url, str(fullres_images[0]))
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
@@ -119,33 +110,10 @@ def test_use_model_switches_the_default_version(service, fullres_images) -> None
         set_default(service.management_url, "resnet34")
 
 
-class StubHandler(BaseHTTPRequestHandler):
-    """Answers POSTs from the server's `answers` list, one per request, repeating the last."""
-
-    def do_POST(self) -> None:
-        self.rfile.read(int(self.headers["Content-Length"]))
-        server = self.server
-        status, body = server.answers[min(server.hits, len(server.answers) - 1)]
-        server.hits += 1
-        self.send_response(status)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args) -> None:
-        pass
-
-
 @pytest.fixture
 def stub() -> Iterator[ThreadingHTTPServer]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), StubHandler)
-    server.answers, server.hits = [], 0
-    server.url = f"http://127.0.0.1:{server.server_address[1]}/predict"
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
+    with http_stub([]) as server:
+        yield server
 
 
 @pytest.fixture
@@ -188,7 +156,7 @@ def test_post_predict_non_json_body_raises_client_error(stub, sleeps: list[float
 
 def test_post_predict_unreachable_raises_client_error_after_retries(sleeps: list[float]) -> None:
     with pytest.raises(client.ClientError, match="unreachable \\(connection refused; tried 4 times\\)"):
-        client.post_predict(f"http://127.0.0.1:{closed_port()}/predict", b"image")
+        client.post_predict(f"http://127.0.0.1:{free_port()}/predict", b"image")
     assert sleeps == [0.5, 1.0, 2.0]
 
 

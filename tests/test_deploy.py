@@ -38,7 +38,7 @@ import yaml
 
 import serve
 from skinlesion.model import ARCHITECTURES
-from tests.conftest import ROOT, free_port
+from tests.conftest import ROOT
 
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 SCHEMA = ROOT / "tests" / "data" / "compose-spec.json"
@@ -154,7 +154,7 @@ def test_dockerfile_copies_files_that_exist_and_are_in_the_build_context() -> No
 def test_frontend_service_command_starts_the_page(tmp_path: Path) -> None:
     service = load_compose()["services"]["frontend"]
     command = local_command(service["command"])
-    command[command.index("--server.port") + 1] = str(port := free_port())
+    command[command.index("--server.port") + 1] = str(port := serve.free_port())
     with open(tmp_path / "streamlit.log", "wb") as log:
         process = subprocess.Popen(command, cwd=ROOT, env=dict(os.environ, **service["environment"]), stdout=log,
                                    stderr=subprocess.STDOUT)
@@ -203,7 +203,7 @@ def scaled_out(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> I
         for i in range(2):
             run_dir = root / f"torchserve-{i}"
             run_dir.mkdir()
-            ports = {"inference": free_port(), "management": free_port(), "metrics": free_port(), "grpc": free_port()}
+            ports = serve.free_ports()
             args = ["--run-dir", str(run_dir), "--model-store", str(model_store)]
             args += [arg for name, port in ports.items() for arg in (f"--{name}-port", str(port))]
             with open(run_dir / "container.log", "wb") as log:
@@ -216,7 +216,7 @@ def scaled_out(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> I
                 return "TorchServe serving resnet18 (default)" in instance.log.read_text()
 
             serve.wait_for(serving, "TorchServe from the container command", STARTUP_SECONDS)
-        port = free_port()
+        port = serve.free_port()
         serve.start_nginx(root, f"127.0.0.1:{port}", [f"127.0.0.1:{i.ports['inference']}" for i in instances])
         serve.wait_for(lambda: serve.health_ok(f"http://127.0.0.1:{port}/health"), "nginx", 30)
         yield ScaledOut(f"http://127.0.0.1:{port}", instances)

@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
+from serve import free_port
 from skinlesion.model import CLASS_NAMES
-from tests.conftest import ROOT, free_port
+from tests.conftest import ROOT
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [

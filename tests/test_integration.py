@@ -24,11 +24,6 @@ BAD_BODIES = {
 }
 
 
-@pytest.fixture(scope="module")
-def image_b64(fullres_images) -> str:
-    return base64.b64encode(fullres_images[0].read_bytes()).decode()
-
-
 def post(service, body: bytes | dict, timeout: float = 60) -> requests.Response:
     data = json.dumps(body).encode() if isinstance(body, dict) else body
     return requests.post(service.predict_url, data=data, headers={"Content-Type": "application/json"}, timeout=timeout)
@@ -112,11 +107,13 @@ def test_torchserve_down_gets_a_fast_envelope_and_comes_back(service, image_b64)
     try:
         started = time.monotonic()
         response = post(service, {"image": image_b64}, timeout=30)
-        assert time.monotonic() - started < 10
-        assert response.status_code in (502, 503)
+        # Refused connections fail at once; the bound leaves room for a loaded CI machine.
+        assert time.monotonic() - started < 5
+        assert response.status_code == 503
         assert response.json() == {"success": False, "error": response.json()["error"]}
+        assert "unavailable" in response.json()["error"]
         health = requests.get(f"{service.url}/health", timeout=10)
-        assert health.status_code in (502, 503) and health.json()["success"] is False
+        assert health.status_code == 503 and health.json()["success"] is False
     finally:
         service.start()
     assert post(service, {"image": image_b64}).json()["success"] is True

@@ -7,7 +7,6 @@ allows) and a temporary folder in place of /mnt/models.
 
 from __future__ import annotations
 
-import base64
 import shutil
 import subprocess
 import sys
@@ -21,7 +20,7 @@ import yaml
 
 import serve
 from skinlesion.model import ARCHITECTURES, CLASS_NAMES
-from tests.conftest import ROOT, free_port
+from tests.conftest import ROOT
 
 KSERVE = ROOT / "deploy" / "kserve"
 MOUNT = "/mnt/models"  # where KServe's storage initializer puts storageUri
@@ -68,7 +67,7 @@ def kserve_torchserve(model_store: Path, tmp_path_factory: pytest.TempPathFactor
     args = [arg.replace(MOUNT, str(storage)) for arg in predictor()["args"]]
     args[0] = str(Path(sys.executable).parent / args[0])
     run_dir = tmp_path_factory.mktemp("kserve-run")
-    ports = {"inference": free_port(), "management": free_port(), "metrics": free_port(), "grpc": free_port()}
+    ports = serve.free_ports()
     env = serve.torchserve_env(run_dir, ports) | {"TS_SERVICE_ENVELOPE": "kserve"}
     del env["PYTHONPATH"]  # the pod has no checkout: the archives must carry the code they import
     with open(run_dir / "torchserve.log", "wb") as log:
@@ -89,11 +88,6 @@ def kserve_torchserve(model_store: Path, tmp_path_factory: pytest.TempPathFactor
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-
-
-@pytest.fixture(scope="module")
-def image_b64(fullres_images: list[Path]) -> str:
-    return base64.b64encode(fullres_images[0].read_bytes()).decode()
 
 
 def test_v1_instance_gets_predictions_from_the_default_version(kserve_torchserve: KServeTorchServe, image_b64: str) -> None:

@@ -14,11 +14,10 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -26,9 +25,8 @@ import requests
 
 import serve
 from bench import load
-from tests.conftest import free_port
+from tests.conftest import ROOT, http_stub
 
-ROOT = Path(__file__).resolve().parent.parent
 # Generous: replacing a worker (a new Python process importing torch and loading the checkpoint) took
 # 16 s on this 2-core machine while two training jobs held both cores.
 REPLACED_WITHIN_S = 90
@@ -96,53 +94,42 @@ def test_a_worker_killed_under_load_is_replaced_and_no_request_hangs(service, im
     assert [o.verdict for o in after] == ["ok"] * 8
 
 
-class TorchServeStub(BaseHTTPRequestHandler):
-    """Answers every request the way TorchServe answers a failure: server.status, TorchServe's error JSON."""
-
-    def do_POST(self) -> None:
-        self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        status = self.server.status
-        # TorchServe's own format; its 413 comes with an empty body.
-        body = b"" if status == 413 else json.dumps({"code": status, "type": "InternalServerException",
-                                                     "message": "Worker died."}).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args) -> None:
-        pass
+def torchserve_failure(status: int) -> bytes:
+    """TorchServe's own body for a failure status; its 413 comes with an empty body."""
+    return b"" if status == 413 else json.dumps({"code": status, "type": "InternalServerException",
+                                                 "message": "Worker died."}).encode()
 
 
 @pytest.fixture
 def proxy_to_stub(tmp_path: Path) -> Iterator[tuple[str, ThreadingHTTPServer]]:
     """The real nginx configuration in front of a stub TorchServe; (the /predict URL, the stub)."""
-    stub = ThreadingHTTPServer(("127.0.0.1", 0), TorchServeStub)
-    threading.Thread(target=stub.serve_forever, daemon=True).start()
-    port = free_port()
-    serve.start_nginx(tmp_path, f"127.0.0.1:{port}", [f"127.0.0.1:{stub.server_address[1]}"])
-    try:  # nginx binds its port before `nginx` returns: no wait needed
-        yield f"http://127.0.0.1:{port}/predict", stub
-    finally:
-        serve.stop_nginx(tmp_path)
-        stub.shutdown()
-        stub.server_close()
+    with http_stub([]) as stub:
+        port = serve.free_port()
+        serve.start_nginx(tmp_path, f"127.0.0.1:{port}", [f"127.0.0.1:{stub.server_address[1]}"])
+        try:  # nginx binds its port before `nginx` returns: no wait needed
+            yield f"http://127.0.0.1:{port}/predict", stub
+        finally:
+            serve.stop_nginx(tmp_path)
 
 
 # Every failure status TorchServe answers /predictions with by itself: 404 model not found, 413 body over
 # max_request_size, 500 and 507 "Worker died." (507 when it has already seen the worker's exit status 137,
 # i.e. SIGKILL or the OOM killer; 500 otherwise), 503 no worker free or job queue full.
-@pytest.mark.parametrize("status", [404, 413, 500, 503, 507])
-def test_every_failure_torchserve_answers_reaches_the_client_as_an_envelope(proxy_to_stub, status: int) -> None:
+@pytest.mark.parametrize(("status", "answered", "says"), [
+    (404, 404, "not found"), (413, 413, "21 MiB"), (500, 500, "failed"), (503, 503, "unavailable"), (507, 500, "failed"),
+])
+def test_every_failure_torchserve_answers_reaches_the_client_as_an_envelope(
+    proxy_to_stub, status: int, answered: int, says: str
+) -> None:
     url, stub = proxy_to_stub
-    stub.status = status
+    stub.answers = [(status, torchserve_failure(status))]
     started = time.monotonic()
     response = requests.post(url, json={"image": "AAAA"}, timeout=30)
     assert time.monotonic() - started < 5
-    assert response.status_code >= 400
+    assert response.status_code == answered
     payload = response.json()
     assert set(payload) == {"success", "error"} and payload["success"] is False, payload
+    assert says in payload["error"]
 
 
 def test_a_client_batch_survives_a_worker_kill(service, fullres_images) -> None:

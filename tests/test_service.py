@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import copy
 import io
 import json
 
@@ -71,8 +72,10 @@ def test_predictor_returns_seven_probabilities_summing_to_one(predictor, fullres
 def test_probabilities_are_the_network_s_softmax_and_bfloat16_stays_close(predictor, fullres_images) -> None:
     inputs = torch.stack([predictor.preprocess(decode_image(p.read_bytes())) for p in fullres_images[:4]])
     exact = predictor.probabilities(inputs)
+    # The plain network in the default (NCHW) layout: the predictor's channels-last path must agree with it.
+    plain = copy.deepcopy(predictor.model).to(memory_format=torch.contiguous_format)
     with torch.inference_mode():
-        reference = predictor.model(inputs).softmax(dim=1)
+        reference = plain(inputs.contiguous()).softmax(dim=1)
     assert torch.allclose(exact, reference, atol=1e-5)
     fast = predictor.probabilities(inputs, bfloat16=True)
     assert fast.dtype == torch.float32 and torch.allclose(fast.sum(dim=1), torch.ones(4), atol=1e-5)

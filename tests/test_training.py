@@ -395,6 +395,17 @@ def test_evaluate_cli_scores_every_image_it_finds(trained: Trained, tmp_path: Pa
     assert "images                 61" in capsys.readouterr().out
 
 
+def test_evaluate_cli_on_the_test_split_reproduces_the_training_report(trained: Trained, tmp_path: Path) -> None:
+    out = tmp_path / "test.json"
+    code = evaluate_main([str(trained.root), "--split", "test", "--type", "resnet18", "--weights", str(trained.weights),
+                          "--json", str(out)])
+    assert code == 0
+    metrics = json.loads(out.read_text())
+    assert metrics["n_images"] == trained.report["images"]["test"]
+    assert metrics["confusion_matrix"] == trained.report["test"]["confusion_matrix"]
+    assert metrics["balanced_accuracy"] == pytest.approx(trained.report["test"]["balanced_accuracy"])
+
+
 def test_evaluate_cli_rejects_the_wrong_architecture(trained: Trained, capsys: pytest.CaptureFixture[str]) -> None:
     assert evaluate_main([str(trained.root), "--type", "resnet34", "--weights", str(trained.weights)]) == 2
     assert "holds a resnet18, not a resnet34" in capsys.readouterr().err

@@ -17,7 +17,7 @@ from sklearn.metrics import balanced_accuracy_score, confusion_matrix, precision
 from skinlesion.image import decode_image
 from skinlesion.model import ARCHITECTURES, CLASS_CODES
 from skinlesion.predictor import Predictor
-from training.data import Sample, read_samples
+from training.data import Sample, read_samples, split_dataset
 
 MELANOMA = CLASS_CODES.index("mel")
 
@@ -127,10 +127,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weights", type=Path, default=None, help="checkpoint (default model_store/<type>.pt)")
     parser.add_argument("--json", type=Path, default=None, help="also write the metrics here")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--split", choices=("all", "test"), default="all",
+                        help="all: every listed image found; test: the training command's test side (same --seed)")
+    parser.add_argument("--seed", type=int, default=0, help="with --split test and no test folder: the split's seed")
     args = parser.parse_args(argv)
     weights = args.weights or Path("model_store") / f"{args.type}.pt"
     try:
-        samples = [s for s in read_samples(args.root, require_images=False) if s.path is not None]
+        if args.split == "test":
+            samples = split_dataset(args.root, args.seed)[2]
+        else:
+            samples = [s for s in read_samples(args.root, require_images=False) if s.path is not None]
         if not samples:
             raise FileNotFoundError(f"none of the images listed in {args.root}'s metadata is under it")
         predictor = Predictor.from_checkpoint(weights)
