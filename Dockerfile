@@ -1,5 +1,5 @@
 # The model server image (and the Streamlit page's): Python 3.11, Java 17 for TorchServe, the pinned
-# requirements, the project and both model archives, built here by archive.sh from model_store/*.pt.
+# requirements, the project and the model archives, built here by archive.sh from model_store/*.pt.
 #   docker build -t skin-lesion .        (docker compose builds it too)
 # Bookworm: the last Debian release with openjdk-17, the Java that TorchServe 0.12 is tested with.
 FROM python:3.11-slim-bookworm
@@ -18,7 +18,7 @@ RUN pip install --no-cache-dir --extra-index-url https://download.pytorch.org/wh
 COPY skinlesion/ skinlesion/
 COPY handler/ handler/
 COPY frontend/ frontend/
-COPY archive.sh serve.py client.py config.properties ./
+COPY archive.sh serve.py client.py config.properties log4j2.xml ./
 COPY model_store/resnet18.pt model_store/resnet34.pt model_store/
 # The archives hold the weights, so the state dicts need not stay in the image.
 RUN ARCHIVER=torch-model-archiver ./archive.sh && rm model_store/*.pt

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -30,6 +31,8 @@ from skinlesion.model import ARCHITECTURES
 ROOT = Path(__file__).resolve().parent
 NGINX_TEMPLATE = ROOT / "proxy" / "nginx.conf"
 DEFAULT_PORTS = {"port": 8089, "inference": 8080, "management": 8081, "metrics": 8082, "grpc": 7070}
+# TorchServe models, one version per architecture each (archive.sh): plain predictions, and explanations.
+MODELS = ("skin", "skin-explain")
 
 
 def render_nginx_conf(listen: str, upstreams: list[str], run_dir: Path, log_dir: Path) -> str:
@@ -93,25 +96,32 @@ def wait_for(check, what: str, timeout: float) -> None:
     raise TimeoutError(f"{what} not ready after {timeout:.0f} s")
 
 
-def versions_ready(management: str) -> bool:
-    status, models = http_json("GET", f"{management}/models/skin/all")
-    return status == 200 and len(models) == len(ARCHITECTURES) and all(
-        w["status"] == "READY" for m in models for w in m["workers"]
-    ) and all(m["workers"] for m in models)
+def versions_ready(management: str, models: tuple[str, ...] = MODELS) -> bool:
+    """Whether each of `models` has every version registered, each with its workers up."""
+    for model in models:
+        status, versions = http_json("GET", f"{management}/models/{model}/all")
+        if not (status == 200 and len(versions) == len(ARCHITECTURES) and all(v["workers"] for v in versions)
+                and all(w["status"] == "READY" for v in versions for w in v["workers"])):
+            return False
+    return True
 
 
 def set_default(management: str, version: str) -> dict:
-    status, body = http_json("PUT", f"{management}/models/skin/{version}/set-default")
-    if status != 200:
-        raise RuntimeError(f"set-default {version} failed ({status}): {body}")
-    return body
+    """Make `version` the default of every model (plain predictions and explanations switch together);
+    returns TorchServe's answer per model."""
+    answers = {}
+    for model in MODELS:
+        status, answers[model] = http_json("PUT", f"{management}/models/{model}/{version}/set-default")
+        if status != 200:
+            raise RuntimeError(f"set-default {model} {version} failed ({status}): {answers[model]}")
+    return answers
 
 
 def torchserve_command(model_store: Path) -> list[str]:
-    """The TorchServe command line of the local run and the container: every version of "skin"."""
-    archives = [f"skin-{arch}.mar" for arch in ARCHITECTURES]
+    """The TorchServe command line of the local run and the container: every version of every model."""
+    archives = [f"{model}-{arch}.mar" for model in MODELS for arch in ARCHITECTURES]
     return [str(Path(sys.executable).parent / "torchserve"), "--start", "--ncs", "--ts-config", str(ROOT / "config.properties"),
-            "--model-store", str(model_store), "--models", *archives]
+            "--log-config", str(ROOT / "log4j2.xml"), "--model-store", str(model_store), "--models", *archives]
 
 
 def await_versions(ports: dict[str, int], default: str, timeout: float, alive: Callable[[], bool] = lambda: True) -> str:
@@ -195,15 +205,40 @@ def torchserve_ports(args: argparse.Namespace) -> dict[str, int]:
             "metrics": args.metrics_port, "grpc": args.grpc_port}
 
 
-def free_port() -> int:
-    """A loopback port nothing listens on now (tests and benchmarks run the service beside others)."""
+def free_port(taken: tuple[int, ...] = ()) -> int:
+    """A loopback port nothing listens on now, not in `taken` (tests and benchmarks run the service beside others).
+
+    Picked below the kernel's ephemeral range, unlike bind(0): a port from that range can become the local
+    end of an outgoing connection (nginx to TorchServe, a client to nginx) before the server binds it.
+    """
+    try:
+        ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_low = 32768
+    while True:
+        port = random.randrange(10000, ephemeral_low)
+        if port not in taken and port_is_free(port):
+            return port
+
+
+def port_is_free(port: int) -> bool:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
 
 
-def free_ports() -> dict[str, int]:
-    return {"inference": free_port(), "management": free_port(), "metrics": free_port(), "grpc": free_port()}
+def free_ports(taken: tuple[int, ...] = ()) -> dict[str, int]:
+    """Ports for one TorchServe; gRPC takes two, `grpc` for inference and the next one for management."""
+    ports: dict[str, int] = {}
+    for name in ("inference", "management", "metrics"):
+        ports[name] = free_port((*taken, *ports.values()))
+    while True:
+        grpc = free_port((*taken, *ports.values()))
+        if grpc + 1 not in (*taken, *ports.values()) and port_is_free(grpc + 1):
+            return ports | {"grpc": grpc}
 
 
 def start_service(run_dir: Path, model_store: Path, ports: dict[str, int], listen: str, default: str,

@@ -6,7 +6,7 @@
 
 --start runs its own service (serve.py's functions, free loopback ports, the weights in --model-store)
 and stops it afterwards. A mix of plain predictions and LIME explanations at Low goes to /predict from
---concurrency threads, each with its own keep-alive session, until --requests are answered. The table
+--concurrency threads, each on its own keep-alive connection, until --requests are answered. The table
 gives, per request kind: successes, failures by status, malformed answers (not a JSON envelope, or a
 success without its fields), requests without an answer (timeouts, resets), p50/p99 latency. With
 --kill-worker-after, it also gives how long TorchServe took to replace the worker.
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import http.client
 import json
 import os
 import signal
@@ -24,13 +25,12 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-
-import requests
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # so that `python bench/load.py` finds serve.py without PYTHONPATH
@@ -69,41 +69,61 @@ def judge(status: int, body: bytes, explain: bool) -> tuple[str, str]:
     return "envelope", payload["error"]
 
 
-def send(session: requests.Session, url: str, image_b64: str, explain: bool, timeout: float) -> Outcome:
-    body = {"image": image_b64, "explain": explain, "precision": "Low"} if explain else {"image": image_b64}
+def send(connection: http.client.HTTPConnection, body: bytes, explain: bool, timeout: float) -> Outcome:
+    """POST one prebuilt body to /predict on a keep-alive connection (closed on any failure or when the
+    server closes it, so that the next request reconnects)."""
     kind = "explain" if explain else "plain"
     started = time.monotonic()
     try:
-        response = session.post(f"{url}/predict", json=body, timeout=timeout)
-    except requests.RequestException as exc:
+        connection.timeout = timeout
+        if connection.sock is not None:
+            connection.sock.settimeout(timeout)
+        connection.request("POST", "/predict", body, {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        content = response.read()
+    except (OSError, http.client.HTTPException) as exc:
+        connection.close()
         return Outcome(kind, started, time.monotonic() - started, None, "no answer", type(exc).__name__)
-    verdict, detail = judge(response.status_code, response.content, explain)
-    return Outcome(kind, started, time.monotonic() - started, response.status_code, verdict, detail)
+    if response.will_close:
+        connection.close()
+    verdict, detail = judge(response.status, content, explain)
+    return Outcome(kind, started, time.monotonic() - started, response.status, verdict, detail)
 
 
 def run_load(url: str, images: list[bytes], total: int, concurrency: int = 16, explain_every: int = 10,
              timeouts: tuple[float, float] = (30.0, 120.0), on_answer: Callable[[int], None] | None = None) -> list[Outcome]:
     """Send `total` requests from `concurrency` threads; request i explains (LIME, Low) when
-    explain_every > 0 and i % explain_every == explain_every - 1. on_answer(n) runs after the n-th answer."""
+    explain_every > 0 and i % explain_every == explain_every - 1. on_answer(n) runs after the n-th answer.
+
+    The bodies are built once and sent with http.client: the load generator shares the machine with the
+    service, and a lighter client leaves more of it to what is measured.
+    """
+    target = urllib.parse.urlsplit(url)
     encoded = [base64.b64encode(image).decode() for image in images]
+    plain = [json.dumps({"image": e}).encode() for e in encoded]
+    explained = [json.dumps({"image": e, "explain": True, "precision": "Low"}).encode() for e in encoded]
     outcomes: list[Outcome] = []
     lock = threading.Lock()
     next_index = iter(range(total))
 
     def client() -> None:
-        with requests.Session() as session:
+        connection = http.client.HTTPConnection(target.hostname, target.port)
+        try:
             while True:
                 with lock:
                     i = next(next_index, None)
                 if i is None:
                     return
                 explain = explain_every > 0 and i % explain_every == explain_every - 1
-                outcome = send(session, url, encoded[i % len(encoded)], explain, timeouts[1] if explain else timeouts[0])
+                body = (explained if explain else plain)[i % len(images)]
+                outcome = send(connection, body, explain, timeouts[1] if explain else timeouts[0])
                 with lock:
                     outcomes.append(outcome)
                     answered = len(outcomes)
                 if on_answer:
                     on_answer(answered)
+        finally:
+            connection.close()
 
     with ThreadPoolExecutor(concurrency) as pool:
         for future in [pool.submit(client) for _ in range(concurrency)]:
@@ -152,9 +172,9 @@ def print_summary(table: dict[str, dict], wall: float) -> None:
     print(f"{total} requests in {wall:.1f} s: {total / wall:.1f} requests/s")
 
 
-def default_workers(management_url: str) -> tuple[str, list[int]]:
-    """The default version of "skin" and its worker pids, from the management API."""
-    status, described = serve.http_json("GET", f"{management_url}/models/skin")
+def default_workers(management_url: str, model: str = "skin") -> tuple[str, list[int]]:
+    """The default version of `model` and its worker pids, from the management API."""
+    status, described = serve.http_json("GET", f"{management_url}/models/{model}")
     if status != 200:
         raise RuntimeError(f"cannot describe the model ({status}): {described}")
     return described[0]["modelVersion"], [int(w["pid"]) for w in described[0]["workers"]]
@@ -175,11 +195,12 @@ def kill_worker(management_url: str, watcher: Executor) -> Kill:
     return Kill(pids[0], at, watcher.submit(wait_replaced, management_url, pids[0], len(pids)))
 
 
-def wait_replaced(management_url: str, killed: int, expected_workers: int, timeout: float = 300) -> float:
-    """time.monotonic() once the default version has `expected_workers` READY workers again, none of them `killed`."""
+def wait_replaced(management_url: str, killed: int, expected_workers: int, timeout: float = 300,
+                  model: str = "skin") -> float:
+    """time.monotonic() once `model`'s default version has `expected_workers` READY workers again, none of them `killed`."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        status, described = serve.http_json("GET", f"{management_url}/models/skin")
+        status, described = serve.http_json("GET", f"{management_url}/models/{model}")
         workers = described[0]["workers"] if status == 200 else []
         if (len(workers) == expected_workers and all(w["status"] == "READY" for w in workers)
                 and killed not in {int(w["pid"]) for w in workers}):

@@ -4,9 +4,11 @@ TorchServe, on real full-size photos, with the served time split into its parts.
     .venv/bin/python bench/serve.py [--requests 240] [--concurrency 1 4 8 16] [--models resnet18 resnet34]
                                     [--model-config handler/model-config.yaml] [--explain-load]
 
-It builds archives of the shipped weights with the given per-version TorchServe settings (the levers:
-workers, batchSize, maxBatchDelay, torch_threads), starts TorchServe and nginx on free ports via serve.py,
-and stops them at the end. Timings are wall-clock on this machine: run it on an otherwise idle one.
+It builds archives of the shipped weights with the given per-version TorchServe settings of the plain-
+prediction model "skin" (the levers: workers, batchSize, maxBatchDelay, torch_threads; explanations keep
+handler/explain-config.yaml), starts TorchServe and nginx on free ports via serve.py, and stops them at the
+end. Timings are wall-clock on this machine, and the CPU split counts every nginx and TorchServe process on
+it: run it on an otherwise idle one.
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ MIN_THROUGHPUT_RATIO = 0.7  # served at concurrency 8 / floor
 MAX_ADDED_MS = 25.0  # served p50 at concurrency 1 minus the in-process single-image latency
 MAX_ERROR_RATE = 0.01
 MAX_EXPLAIN_SLOWDOWN = 3.0  # p99 of plain predictions while a High explanation runs / idle p99
+# Where the served CPU time goes, by process: a marker in each kind's command line.
+PROCESS_GROUPS = {"nginx": "nginx", "TorchServe": "org.pytorch.serve.ModelServer", "workers": "model_service_worker"}
 
 
 def median_seconds(run, repeats: int) -> float:
@@ -106,15 +110,38 @@ class Service:
         return {key: value / max(requests_seen, 1) for key, value in totals.items()}
 
 
+def cpu_seconds() -> dict[str, float]:
+    """CPU seconds (user + system) used so far by this process (the load generator) and by all nginx,
+    TorchServe frontend and TorchServe worker processes on the machine."""
+    totals = dict.fromkeys(["client", *PROCESS_GROUPS], 0.0)
+    ticks = os.sysconf("SC_CLK_TCK")
+    for process in Path("/proc").iterdir():
+        if not process.name.isdigit():
+            continue
+        try:
+            command = (process / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            fields = (process / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # ended meanwhile
+            continue
+        own = int(process.name) == os.getpid()
+        group = "client" if own else next((g for g, marker in PROCESS_GROUPS.items() if marker in command), None)
+        if group:
+            totals[group] += (int(fields[11]) + int(fields[12])) / ticks  # utime + stime
+    return totals
+
+
 def load(url: str, photos: list[bytes], total: int, concurrency: int) -> dict:
-    """`total` plain predictions from `concurrency` clients (bench/load.py's load generator)."""
+    """`total` plain predictions from `concurrency` clients (bench/load.py's load generator), with the CPU
+    milliseconds per request each kind of process spent meanwhile."""
+    before = cpu_seconds()
     start = time.perf_counter()
     outcomes = run_load(url, photos, total, concurrency, explain_every=0)
     wall = time.perf_counter() - start
+    cpu = {group: (seconds - before[group]) * 1000 / total for group, seconds in cpu_seconds().items()}
     ms = [o.seconds * 1000 for o in outcomes]
     errors = Counter(f"HTTP {o.status}" if o.status else o.verdict for o in outcomes if o.verdict != "ok")
     return {"throughput": total / wall, "p50": percentile(ms, 50), "p99": percentile(ms, 99), "errors": dict(errors),
-            "answered": len(ms)}
+            "answered": len(ms), "cpu_ms": cpu, "busy": sum(cpu.values()) * total / 1000 / (wall * os.cpu_count())}
 
 
 def explain_load(url: str, photo: bytes, total: int) -> dict:
@@ -175,7 +202,7 @@ def main() -> None:
             results = {}
             for arch in args.models:
                 serve.set_default(service.management, arch)
-                load(service.url, raw, 16, 2)  # warm-up on the new default
+                load(service.url, raw, 96, 4)  # warm-up on the new default (and TorchServe's JIT compiler)
                 for concurrency in args.concurrency:
                     offset = service.model_log.stat().st_size
                     before = service.torchserve_microseconds()
@@ -209,6 +236,15 @@ def main() -> None:
               f"{r['p50']:.1f} | {r['p99']:.1f} | {errors} | {r['torchserve_ms']:.1f} | {h.get('decode', 0):.1f} | "
               f"{h.get('preprocess', 0):.1f} | {h.get('forward', 0):.1f} |")
     print(f"\nencode (json.dumps of an answer, after the handler): {encode:.3f} ms")
+
+    groups = ["client", *PROCESS_GROUPS]
+    print(f"\nCPU ms per request by process (all {os.cpu_count()} cores; in-process floor: "
+          + ", ".join(f"{arch} {os.cpu_count() * 1000 / f['throughput']:.1f}" for arch, f in floors.items()) + ")")
+    print("| model | concurrency | " + " | ".join(groups) + " | total | cores busy |")
+    print("|---" * (len(groups) + 4) + "|")
+    for (arch, concurrency), r in results.items():
+        cells = " | ".join(f"{r['cpu_ms'][g]:.2f}" for g in groups)
+        print(f"| {arch} | {concurrency} | {cells} | {sum(r['cpu_ms'].values()):.1f} | {r['busy']:.0%} |")
 
     print("\nTargets")
     print(f"| model | x floor at concurrency 8 (>= {MIN_THROUGHPUT_RATIO}) | added ms at concurrency 1 (< {MAX_ADDED_MS:.0f}) "

@@ -28,11 +28,14 @@ def is_request_rows(data: Any, context: Any) -> bool:
 class SkinHandler:
     def __init__(self) -> None:
         self.predictor: Predictor | None = None
+        self.explanations_at: str | None = None
 
     def initialize(self, context: Any) -> None:
         settings = (context.model_yaml_config or {}).get("handler", {})
         # Workers run side by side on two cores: one torch thread each avoids oversubscription.
         torch.set_num_threads(int(settings.get("torch_threads", 1)))
+        # Set for the batching pool: its explanation requests are answered 307, and nginx replays them there.
+        self.explanations_at = settings.get("explanations_at")
         model_dir = Path(context.system_properties["model_dir"])
         self.predictor = Predictor.from_checkpoint(model_dir / context.manifest["model"]["serializedFile"])
 
@@ -43,9 +46,11 @@ class SkinHandler:
             context.set_response_status(status, HTTPStatus(status).phrase, 0)
             return payloads
         timings: dict[str, float] = {}
-        answers = respond(self.predictor, [row.get("body", row.get("data")) for row in data], timings)
+        answers = respond(self.predictor, [row.get("body", row.get("data")) for row in data], timings, self.explanations_at)
         # One line per batch in model_log.log: bench/serve.py splits the served latency with it.
         log.info("handler_ms batch=%d %s", len(data), " ".join(f"{k}={v:.2f}" for k, v in timings.items()))
         for idx, (status, _) in enumerate(answers):
             context.set_response_status(status, HTTPStatus(status).phrase, idx)
+            if status == HTTPStatus.TEMPORARY_REDIRECT:
+                context.set_response_header(idx, "Location", self.explanations_at)
         return [payload for _, payload in answers]

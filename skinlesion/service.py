@@ -111,10 +111,13 @@ def respond_instances(predictor: Predictor, instances: Any) -> tuple[int, list[d
     return 200 if 200 in statuses else max(statuses), [payload for _, payload in answers]
 
 
-def respond(predictor: Predictor, bodies: list[Any], timings: dict[str, float] | None = None) -> list[tuple[int, dict]]:
+def respond(predictor: Predictor, bodies: list[Any], timings: dict[str, float] | None = None,
+            explanations_at: str | None = None) -> list[tuple[int, dict]]:
     """(HTTP status, JSON payload) for each body; valid images are classified as one batch.
 
     `timings` (if given) gets the batch's milliseconds spent decoding, preprocessing and in the model.
+    `explanations_at` (a path) is where a server that batches plain predictions sends explanation
+    requests: they are answered 307 (repeat this request there) so that none holds a batch back.
     """
     start = time.perf_counter()
     answers: list[tuple[int, dict] | None] = [None] * len(bodies)
@@ -122,6 +125,9 @@ def respond(predictor: Predictor, bodies: list[Any], timings: dict[str, float] |
     for i, body in enumerate(bodies):
         try:
             request = parse_request(body)
+            if request.explain and explanations_at:
+                answers[i] = (307, failure(f"explanations are answered at {explanations_at}: send this request there"))
+                continue
             accepted.append((i, request, decode_image(request.image)))
         except (RequestError, ImageError) as exc:
             answers[i] = (getattr(exc, "status", 400), failure(str(exc)))

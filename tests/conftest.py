@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from serve import free_port
+from serve import free_port, free_ports
 from skinlesion.model import ARCHITECTURES, DEFAULT_IMAGE_SIZE, build_model, save_checkpoint
 from skinlesion.predictor import Predictor
 
@@ -124,9 +124,9 @@ class Service:
 def service(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Service:
     """Real TorchServe (both versions, random weights) behind real nginx, on free loopback ports."""
     run_dir = tmp_path_factory.mktemp("run")
-    ports = {name: free_port() for name in ("port", "inference-port", "management-port", "metrics-port")}
-    grpc = free_port()
-    args = ["--run-dir", str(run_dir), "--model-store", str(model_store), "--model", "resnet34", "--grpc-port", str(grpc)]
+    torchserve = free_ports()
+    ports = {"port": free_port(tuple(torchserve.values())), **{f"{name}-port": port for name, port in torchserve.items()}}
+    args = ["--run-dir", str(run_dir), "--model-store", str(model_store), "--model", "resnet34"]
     for name, port in ports.items():
         args += [f"--{name}", str(port)]
     svc = Service(

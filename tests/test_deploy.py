@@ -146,8 +146,12 @@ def test_dockerfile_copies_files_that_exist_and_are_in_the_build_context() -> No
     for source in sources:
         assert (ROOT / source).exists(), f"the Dockerfile copies {source}, which is missing"
         assert not dockerignored(source, patterns), f"the Dockerfile copies {source}, which .dockerignore leaves out"
-    # archive.sh in the image turns exactly these into the skin-<arch>.mar that serve.py loads.
+    # archive.sh in the image turns exactly these into the archives that serve.py loads.
     assert {s for s in sources if s.endswith(".pt")} == {f"model_store/{arch}.pt" for arch in ARCHITECTURES}
+    # The container runs serve.py torchserve: every file of the project its command line names is in the image.
+    named = {Path(arg).name for arg in serve.torchserve_command(ROOT / "model_store")
+             if Path(arg).parent == ROOT and Path(arg).is_file()}
+    assert named == {"config.properties", "log4j2.xml"} and named <= set(sources)
     assert dockerignored(".venv/bin/python", patterns) and dockerignored("skinlesion/__pycache__/x.pyc", patterns)
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
@@ -27,6 +29,18 @@ BAD_BODIES = {
 def post(service, body: bytes | dict, timeout: float = 60) -> requests.Response:
     data = json.dumps(body).encode() if isinstance(body, dict) else body
     return requests.post(service.predict_url, data=data, headers={"Content-Type": "application/json"}, timeout=timeout)
+
+
+def torchserve_requests(service, since: int) -> list[tuple[str, str, str]]:
+    """(nginx's client port, path, status) per request TorchServe answered after offset `since` of its access log."""
+    with open(service.run_dir / "torchserve" / "access_log.log", "rb") as log:
+        log.seek(since)
+        text = log.read().decode()
+    return re.findall(r' - /127\.0\.0\.1:(\d+) "POST (\S+) HTTP/1\.1" (\d+)', text)
+
+
+def torchserve_log_size(service) -> int:
+    return (service.run_dir / "torchserve" / "access_log.log").stat().st_size
 
 
 def worker_pids(service) -> set[str]:
@@ -129,3 +143,36 @@ def test_explain_at_low_returns_both_fields(service, image_b64, method: str) -> 
     assert body["explanation"]["method"] == method and body["explanation"]["label"] == body["prediction"]
     png = base64.b64decode(body["explanation"]["image_png"])
     assert png.startswith(b"\x89PNG")
+
+
+def test_explanations_are_replayed_on_the_explain_model_and_plain_ones_are_not(service, image_b64) -> None:
+    since = torchserve_log_size(service)
+    explained = post(service, {"image": image_b64, "explain": True, "method": "gradcam"})
+    plain = post(service, {"image": image_b64})
+    assert explained.status_code == 200 and explained.json()["explanation"]["method"] == "gradcam"
+    assert plain.status_code == 200 and "explanation" not in plain.json()
+    assert [(path, status) for _, path, status in torchserve_requests(service, since)] == [
+        ("/predictions/skin", "307"), ("/predictions/skin-explain", "200"), ("/predictions/skin", "200")]
+
+
+def test_explanations_in_flight_do_not_hold_back_plain_predictions(service, image_b64) -> None:
+    # Two explanations at once (Medium: seconds each) would hold both workers of a single pool; here they
+    # hold the one explain worker while the batching workers keep answering.
+    explain = {"image": image_b64, "explain": True, "precision": "Medium"}
+    with ThreadPoolExecutor(2) as explainers:
+        explanations = [explainers.submit(post, service, explain, 300) for _ in range(2)]
+        time.sleep(2)  # both are at TorchServe: one on the explain worker, one queued for it
+        with ThreadPoolExecutor(4) as clients:
+            answers = list(clients.map(lambda _: post(service, {"image": image_b64}), range(8)))
+        assert [a.status_code for a in answers] == [200] * 8
+        assert not any(e.done() for e in explanations), "plain predictions waited for an explanation"
+        assert [e.result().status_code for e in explanations] == [200, 200]
+
+
+def test_nginx_keeps_its_connections_to_torchserve_open(service, image_b64) -> None:
+    since = torchserve_log_size(service)
+    for _ in range(6):
+        assert post(service, {"image": image_b64}).status_code == 200
+    ports = [port for port, _, _ in torchserve_requests(service, since)]
+    # Without the upstream's keepalive, nginx would open a connection per request: six client ports.
+    assert len(ports) == 6 and len(set(ports)) <= 2, ports

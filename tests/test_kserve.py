@@ -77,7 +77,7 @@ def kserve_torchserve(model_store: Path, tmp_path_factory: pytest.TempPathFactor
 
         def ready() -> bool:
             assert process.poll() is None, (run_dir / "torchserve.log").read_text()[-3000:]
-            return serve.versions_ready(management)
+            return serve.versions_ready(management, ("skin",))
 
         serve.wait_for(ready, "TorchServe from the KServe storage layout", 300)
         yield KServeTorchServe(f"http://127.0.0.1:{ports['inference']}/v1/models/skin:predict")

@@ -92,6 +92,19 @@ def test_respond_batches_good_and_bad_bodies_independently(predictor) -> None:
     json.dumps([payload for _, payload in answers])  # TorchServe serializes with json.dumps
 
 
+def test_a_batching_server_sends_explanation_requests_elsewhere(predictor) -> None:
+    good, explain = {"image": jpeg_b64()}, {"image": jpeg_b64(), "explain": True, "method": "gradcam"}
+    bad_explain = {"image": "%%%%", "explain": True}
+    answers = respond(predictor, [explain, good, bad_explain, good], explanations_at="/predictions/skin-explain")
+    assert [status for status, _ in answers] == [307, 200, 400, 200]
+    assert answers[0][1] == {"success": False, "error": answers[0][1]["error"]}
+    assert "/predictions/skin-explain" in answers[0][1]["error"]
+    assert "explanation" not in answers[1][1] and answers[1][1] == answers[3][1]
+    # Without a place to send them, explanations are answered in place.
+    [(status, payload)] = respond(predictor, [explain])
+    assert status == 200 and payload["explanation"]["method"] == "gradcam"
+
+
 def test_respond_reports_where_the_batch_spent_its_time(predictor, fullres_images) -> None:
     timings: dict[str, float] = {}
     body = {"image": base64.b64encode(fullres_images[0].read_bytes()).decode()}
