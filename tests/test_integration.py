@@ -155,6 +155,14 @@ def test_explanations_are_replayed_on_the_explain_model_and_plain_ones_are_not(s
         ("/predictions/skin", "307"), ("/predictions/skin-explain", "200"), ("/predictions/skin", "200")]
 
 
+def test_the_batching_model_redirects_explanations_to_the_explain_model(service, image_b64) -> None:
+    # What nginx gets from TorchServe (and what anyone calling TorchServe directly would get).
+    response = requests.post(f"{service.inference_url}/predictions/skin", json={"image": image_b64, "explain": True},
+                             allow_redirects=False, timeout=60)
+    assert response.status_code == 307 and response.headers["Location"] == "/predictions/skin-explain"
+    assert response.json() == {"success": False, "error": response.json()["error"]}
+
+
 def test_explanations_in_flight_do_not_hold_back_plain_predictions(service, image_b64) -> None:
     # Two explanations at once (Medium: seconds each) would hold both workers of a single pool; here they
     # hold the one explain worker while the batching workers keep answering.

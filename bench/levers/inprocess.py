@@ -15,6 +15,7 @@ import io
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -103,6 +104,8 @@ def onnx_session(predictor: Predictor, onnxruntime):
     height, width = predictor.image_size
     model = predictor.model.to(memory_format=torch.contiguous_format)
     buffer = io.BytesIO()
+    # The TorchScript-based exporter (deprecated, still shipped) exports this plain ResNet without extra packages.
+    warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export", category=DeprecationWarning)
     torch.onnx.export(model, (torch.zeros(2, 3, height, width),), buffer, dynamo=False, input_names=["x"],
                       output_names=["logits"], dynamic_axes={"x": {0: "batch"}})
     predictor.model.to(memory_format=torch.channels_last)
