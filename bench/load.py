@@ -4,9 +4,10 @@
     .venv/bin/python bench/load.py --url http://127.0.0.1:8089 --management-url http://127.0.0.1:8081 ...
     ... --kill-worker-after 50     SIGKILL a worker of the default version once 50 answers are in
 
---start runs its own service (serve.py's functions, free loopback ports, the weights in --model-store)
-and stops it afterwards. A mix of plain predictions and LIME explanations at Low goes to /predict from
---concurrency threads, each on its own keep-alive connection, until --requests are answered. The table
+--start runs its own service (serve.py's functions, free loopback ports, archives built from the weights
+in --weights-dir) and stops it afterwards. A mix of plain predictions and LIME explanations at Low goes
+to /predict from --concurrency threads, each on its own keep-alive connection, until --requests are
+answered. The table
 gives, per request kind: successes, failures by status, malformed answers (not a JSON envelope, or a
 success without its fields), requests without an answer (timeouts, resets), p50/p99 latency. With
 --kill-worker-after, it also gives how long TorchServe took to replace the worker.
@@ -222,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     target.add_argument("--url", help="the service's base URL (http://host:port), already running")
     target.add_argument("--start", action="store_true", help="start a service on free ports and stop it afterwards")
     parser.add_argument("--management-url", default="http://127.0.0.1:8081", help="TorchServe's management API (with --url)")
-    parser.add_argument("--model-store", type=Path, default=ROOT / "model_store", help="archives for --start")
+    parser.add_argument("--weights-dir", type=Path, default=ROOT / "model_store",
+                        help="state dicts that --start builds its archives from")
     parser.add_argument("--model", default="resnet34", help="default version for --start")
     parser.add_argument("--requests", type=int, default=400)
     parser.add_argument("--concurrency", type=int, default=16)
@@ -236,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = Path(tmp)
         if args.start:
             print("starting TorchServe and nginx ...", file=sys.stderr)
-            url, management = serve.start_service(run_dir, args.model_store.resolve(), serve.free_ports(),
+            serve.build_archives(run_dir / "model_store", args.weights_dir.resolve())
+            url, management = serve.start_service(run_dir, run_dir / "model_store", serve.free_ports(),
                                                   f"127.0.0.1:{serve.free_port()}", args.model)
         else:
             url, management = args.url.rstrip("/"), args.management_url.rstrip("/")

@@ -19,7 +19,6 @@ import json
 import os
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -75,13 +74,11 @@ def floor(weights: Path, photos: list, threads: int) -> dict:
 class Service:
     """The real stack on free ports: TorchServe with both versions behind nginx, archives built by archive.sh."""
 
-    def __init__(self, workdir: Path, model_config: Path) -> None:
+    def __init__(self, workdir: Path, weights_dir: Path, model_config: Path) -> None:
         self.run_dir = workdir / "run"
         self.run_dir.mkdir()
         store = workdir / "model_store"
-        env = dict(os.environ, MODEL_STORE=str(store), MODEL_CONFIG=str(model_config.resolve()),
-                   ARCHIVER=str(Path(sys.executable).parent / "torch-model-archiver"))
-        subprocess.run([str(ROOT / "archive.sh")], env=env, check=True, capture_output=True)
+        serve.build_archives(store, weights_dir, model_config)
         self.ports = serve.free_ports()
         self.url, self.management = serve.start_service(self.run_dir, store, self.ports, f"127.0.0.1:{serve.free_port()}",
                                                         "resnet34", timeout=300)
@@ -198,7 +195,7 @@ def main() -> None:
     floors = {arch: floor(args.weights_dir / f"{arch}.pt", photos, args.threads) for arch in args.models}
     torch.set_num_threads(1)  # the client side must not compete with the servers for the cores
     with tempfile.TemporaryDirectory() as tmp:
-        service = Service(Path(tmp), args.model_config)
+        service = Service(Path(tmp), args.weights_dir, args.model_config)
         try:
             results = {}
             for arch in args.models:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from serve import free_port, free_ports
+from serve import build_archives, free_port, free_ports
 from skinlesion.model import ARCHITECTURES, DEFAULT_IMAGE_SIZE, build_model, save_checkpoint
 from skinlesion.predictor import Predictor
 
@@ -92,9 +92,7 @@ def predictor(checkpoints: Path) -> Predictor:
 @pytest.fixture(scope="session")
 def model_store(checkpoints: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     store = tmp_path_factory.mktemp("model_store")
-    env = dict(os.environ, WEIGHTS_DIR=str(checkpoints), MODEL_STORE=str(store),
-               ARCHIVER=str(Path(sys.executable).parent / "torch-model-archiver"))
-    subprocess.run([str(ROOT / "archive.sh")], env=env, check=True, capture_output=True)
+    build_archives(store, checkpoints)
     return store
 
 

@@ -165,11 +165,11 @@ def test_the_batching_model_redirects_explanations_to_the_explain_model(service,
 
 def test_explanations_in_flight_do_not_hold_back_plain_predictions(service, image_b64) -> None:
     # Two explanations at once (Medium: seconds each) would hold both workers of a single pool; here they
-    # hold the one explain worker while the batching workers keep answering.
+    # hold the explain workers while the batching workers keep answering.
     explain = {"image": image_b64, "explain": True, "precision": "Medium"}
     with ThreadPoolExecutor(2) as explainers:
         explanations = [explainers.submit(post, service, explain, 300) for _ in range(2)]
-        time.sleep(2)  # both are at TorchServe: one on the explain worker, one queued for it
+        time.sleep(2)  # both are on the explain workers by now
         with ThreadPoolExecutor(4) as clients:
             answers = list(clients.map(lambda _: post(service, {"image": image_b64}), range(8)))
         assert [a.status_code for a in answers] == [200] * 8
