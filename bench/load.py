@@ -106,11 +106,12 @@ def run_load(url: str, images: list[bytes], total: int, concurrency: int = 16, e
     outcomes: list[Outcome] = []
     lock = threading.Lock()
     next_index = iter(range(total))
+    stop = threading.Event()
 
     def client() -> None:
         connection = http.client.HTTPConnection(target.hostname, target.port)
         try:
-            while True:
+            while not stop.is_set():
                 with lock:
                     i = next(next_index, None)
                 if i is None:
@@ -127,8 +128,13 @@ def run_load(url: str, images: list[bytes], total: int, concurrency: int = 16, e
             connection.close()
 
     with ThreadPoolExecutor(concurrency) as pool:
-        for future in [pool.submit(client) for _ in range(concurrency)]:
-            future.result()
+        futures = [pool.submit(client) for _ in range(concurrency)]
+        try:
+            for future in futures:
+                future.result()
+        except BaseException:  # Ctrl+C or SIGTERM: each client stops after the request it has in flight
+            stop.set()
+            raise
     return outcomes
 
 
@@ -233,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kill-worker-after", type=int, metavar="N",
                         help="SIGKILL a worker of the default version after N answers")
     args = parser.parse_args(argv)
+    # TorchServe daemonizes: a SIGTERM must still reach the `finally` that stops the service this starts.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     images = load_images(args.images, 16)
     with tempfile.TemporaryDirectory(prefix="skin-load-") as tmp:
         run_dir = Path(tmp)

@@ -18,6 +18,7 @@ import base64
 import json
 import os
 import re
+import signal
 import statistics
 import sys
 import tempfile
@@ -183,6 +184,8 @@ def main() -> None:
     parser.add_argument("--explain-load", action="store_true",
                         help="also measure plain-prediction p99 while High explanations run (resnet34)")
     args = parser.parse_args()
+    # TorchServe daemonizes: a SIGTERM must still reach the `finally` that stops the service this starts.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     paths = sorted(args.data.glob("*.jpg"))[: args.images]
     raw = [p.read_bytes() for p in paths]
