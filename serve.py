@@ -117,13 +117,16 @@ def set_default(management: str, version: str) -> dict:
     return answers
 
 
-def build_archives(model_store: Path, weights_dir: Path = ROOT / "model_store", model_config: Path | None = None) -> None:
+def build_archives(model_store: Path, weights_dir: Path = ROOT / "model_store", model_config: Path | None = None,
+                   explain_config: Path | None = None) -> None:
     """archive.sh into `model_store`: every model's archives from the state dicts in `weights_dir`, with
-    `model_config` as model "skin"'s TorchServe settings (default: handler/model-config.yaml)."""
+    `model_config` and `explain_config` as the TorchServe settings of "skin" and "skin-explain" (default:
+    handler/model-config.yaml and handler/explain-config.yaml)."""
     env = dict(os.environ, MODEL_STORE=str(model_store), WEIGHTS_DIR=str(weights_dir),
                ARCHIVER=str(Path(sys.executable).parent / "torch-model-archiver"))
-    if model_config is not None:
-        env["MODEL_CONFIG"] = str(model_config.resolve())
+    for name, config in (("MODEL_CONFIG", model_config), ("EXPLAIN_CONFIG", explain_config)):
+        if config is not None:
+            env[name] = str(config.resolve())
     subprocess.run([str(ROOT / "archive.sh")], env=env, check=True, capture_output=True)
 
 

@@ -231,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--management-url", default="http://127.0.0.1:8081", help="TorchServe's management API (with --url)")
     parser.add_argument("--weights-dir", type=Path, default=ROOT / "model_store",
                         help="state dicts that --start builds its archives from")
+    parser.add_argument("--explain-config", type=Path, default=None,
+                        help="skin-explain's TorchServe settings for --start (default handler/explain-config.yaml)")
     parser.add_argument("--model", default="resnet34", help="default version for --start")
     parser.add_argument("--requests", type=int, default=400)
     parser.add_argument("--concurrency", type=int, default=16)
@@ -244,14 +246,15 @@ def main(argv: list[str] | None = None) -> int:
     images = load_images(args.images, 16)
     with tempfile.TemporaryDirectory(prefix="skin-load-") as tmp:
         run_dir = Path(tmp)
-        if args.start:
-            print("starting TorchServe and nginx ...", file=sys.stderr)
-            serve.build_archives(run_dir / "model_store", args.weights_dir.resolve())
-            url, management = serve.start_service(run_dir, run_dir / "model_store", serve.free_ports(),
-                                                  f"127.0.0.1:{serve.free_port()}", args.model)
-        else:
-            url, management = args.url.rstrip("/"), args.management_url.rstrip("/")
-        try:
+        try:  # a start that fails halfway (workers never ready) must not leave TorchServe running either
+            if args.start:
+                print("starting TorchServe and nginx ...", file=sys.stderr)
+                serve.build_archives(run_dir / "model_store", args.weights_dir.resolve(), explain_config=args.explain_config)
+                ports = serve.free_ports()
+                url, management = serve.start_service(run_dir, run_dir / "model_store", ports,
+                                                      f"127.0.0.1:{serve.free_port(tuple(ports.values()))}", args.model)
+            else:
+                url, management = args.url.rstrip("/"), args.management_url.rstrip("/")
             return run(args, url, management, images)
         finally:
             if args.start:

@@ -81,8 +81,12 @@ class Service:
         store = workdir / "model_store"
         serve.build_archives(store, weights_dir, model_config)
         self.ports = serve.free_ports()
-        self.url, self.management = serve.start_service(self.run_dir, store, self.ports, f"127.0.0.1:{serve.free_port()}",
-                                                        "resnet34", timeout=300)
+        listen = f"127.0.0.1:{serve.free_port(tuple(self.ports.values()))}"
+        try:
+            self.url, self.management = serve.start_service(self.run_dir, store, self.ports, listen, "resnet34", timeout=300)
+        except BaseException:  # whatever part did start (TorchServe daemonizes)
+            self.stop()
+            raise
         self.model_log = self.run_dir / "torchserve" / "model_log.log"
 
     def stop(self) -> None:

@@ -196,6 +196,11 @@ class ScaledOut:
     instances: list[Instance]
 
 
+def taken(instances: list[Instance]) -> tuple[int, ...]:
+    """Every port the instances were given, gRPC's second one included."""
+    return tuple(port for i in instances for port in (*i.ports.values(), i.ports["grpc"] + 1))
+
+
 @pytest.fixture(scope="module")
 def scaled_out(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ScaledOut]:
     """Two TorchServe instances, each started with the compose torchserve service's command and MODEL=resnet18,
@@ -207,7 +212,7 @@ def scaled_out(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> I
         for i in range(2):
             run_dir = root / f"torchserve-{i}"
             run_dir.mkdir()
-            ports = serve.free_ports()
+            ports = serve.free_ports(taken(instances))  # the first instance may not have bound its ports yet
             args = ["--run-dir", str(run_dir), "--model-store", str(model_store)]
             args += [arg for name, port in ports.items() for arg in (f"--{name}-port", str(port))]
             with open(run_dir / "container.log", "wb") as log:
@@ -220,7 +225,7 @@ def scaled_out(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> I
                 return "TorchServe serving resnet18 (default)" in instance.log.read_text()
 
             serve.wait_for(serving, "TorchServe from the container command", STARTUP_SECONDS)
-        port = serve.free_port()
+        port = serve.free_port(taken(instances))
         serve.start_nginx(root, f"127.0.0.1:{port}", [f"127.0.0.1:{i.ports['inference']}" for i in instances])
         serve.wait_for(lambda: serve.health_ok(f"http://127.0.0.1:{port}/health"), "nginx", 30)
         yield ScaledOut(f"http://127.0.0.1:{port}", instances)

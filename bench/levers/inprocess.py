@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import argparse
 import io
-import statistics
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -24,20 +22,11 @@ from PIL import Image, ImageOps
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # so that `python bench/levers/inprocess.py` finds the package
 
+from bench.serve import median_seconds  # noqa: E402
 from skinlesion.image import decode_image, preprocess, to_rgb  # noqa: E402
 from skinlesion.predictor import Predictor  # noqa: E402
 
 BATCH_SIZES = (1, 4, 8)
-
-
-def median_ms(run, repeats: int = 20) -> float:
-    run()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1000
 
 
 def decode_draft(data: bytes, image_size: tuple[int, int]) -> Image.Image:
@@ -76,25 +65,25 @@ def main() -> None:
 
 def report(predictor: Predictor, raw: list[bytes], onnxruntime) -> None:
     size = predictor.image_size
-    shipped = predictor.probabilities(torch.stack([preprocess(decode_image(r), size) for r in raw]))
+    inputs = torch.stack([preprocess(decode_image(r), size) for r in raw])
+    shipped = predictor.probabilities(inputs)
     drafted = predictor.probabilities(torch.stack([preprocess(decode_draft(r, size), size) for r in raw]))
-    full_ms = median_ms(lambda: preprocess(decode_image(raw[0]), size))
-    draft_ms = median_ms(lambda: preprocess(decode_draft(raw[0], size), size))
+    full_ms = median_seconds(lambda: preprocess(decode_image(raw[0]), size), 20) * 1000
+    draft_ms = median_seconds(lambda: preprocess(decode_draft(raw[0], size), size), 20) * 1000
     print(f"## {predictor.arch}")
     print(f"decode + preprocess of one photo: shipped {full_ms:.2f} ms, draft {draft_ms:.2f} ms; "
           + compare("draft", shipped, drafted))
     if onnxruntime is None:
         return
     session = onnx_session(predictor, onnxruntime)
-    inputs = torch.stack([preprocess(decode_image(r), size) for r in raw])
     onnx = torch.cat([torch.from_numpy(session.run(None, {"x": chunk.numpy()})[0]) for chunk in inputs.split(64)])
     print(compare("ONNX Runtime", shipped, onnx.softmax(dim=1)))
     print("| batch | PyTorch ms/image | ONNX Runtime ms/image | speed-up |")
     print("|---|---|---|---|")
     for batch in BATCH_SIZES:
         x = inputs[:batch]
-        eager = median_ms(lambda x=x: predictor.probabilities(x)) / batch
-        ort = median_ms(lambda x=x: session.run(None, {"x": x.numpy()})) / batch
+        eager = median_seconds(lambda x=x: predictor.probabilities(x), 20) * 1000 / batch
+        ort = median_seconds(lambda x=x: session.run(None, {"x": x.numpy()}), 20) * 1000 / batch
         print(f"| {batch} | {eager:.1f} | {ort:.1f} | {eager / ort:.2f}x |")
     print()
 
