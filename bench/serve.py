@@ -59,10 +59,10 @@ def median_seconds(run, repeats: int) -> float:
     return statistics.median(times)
 
 
-def floor(weights: Path, photos: list, threads: int) -> dict:
+def floor(weights: Path, photos: list, threads: int, device: str) -> dict:
     """In-process: preprocessing + forward at each batch size (all cores), and one image's latency."""
     torch.set_num_threads(threads)
-    predictor = Predictor.from_checkpoint(weights)
+    predictor = Predictor.from_checkpoint(weights, device)
     per_batch = {}
     for size in BATCH_SIZES:
         batch = [photos[i % len(photos)] for i in range(size)]
@@ -198,8 +198,11 @@ def main() -> None:
           f"{args.requests} requests per level, config {args.model_config}, {os.cpu_count()} cores")
     settings = [line for line in args.model_config.read_text().splitlines() if line and not line.startswith("#")]
     print(f"model config: {' | '.join(settings)}")
+    # TorchServe gives its workers the host's GPUs whenever it has any (skin_handler.worker_device): so does the floor.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    print(f"device: {torch.cuda.get_device_name() if device == 'cuda' else 'CPU'}")
 
-    floors = {arch: floor(args.weights_dir / f"{arch}.pt", photos, args.threads) for arch in args.models}
+    floors = {arch: floor(args.weights_dir / f"{arch}.pt", photos, args.threads, device) for arch in args.models}
     torch.set_num_threads(1)  # the client side must not compete with the servers for the cores
     with tempfile.TemporaryDirectory() as tmp:
         service = Service(Path(tmp), args.weights_dir, args.model_config)
@@ -226,7 +229,7 @@ def main() -> None:
             service.stop()
 
     encode = encode_ms(answer)
-    print(f"\nFloor (in-process, same preprocessing, torch threads = {args.threads})")
+    print(f"\nFloor (in-process on {device}, same preprocessing, torch threads = {args.threads})")
     print("| model | " + " | ".join(f"batch {b} img/s" for b in BATCH_SIZES) + " | best | 1-image latency |")
     print("|---" * (len(BATCH_SIZES) + 3) + "|")
     for arch, f in floors.items():

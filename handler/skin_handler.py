@@ -25,6 +25,12 @@ def is_request_rows(data: Any, context: Any) -> bool:
             and all(isinstance(row, dict) and ("body" in row or "data" in row) for row in data))
 
 
+def worker_device(gpu_id: int | str | None) -> str:
+    """The device of one worker: TorchServe hands each worker a GPU id in turn on a host with GPUs
+    (none where it has none, or where the model's config says deviceType: cpu)."""
+    return f"cuda:{gpu_id}" if gpu_id is not None and torch.cuda.is_available() else "cpu"
+
+
 class SkinHandler:
     def __init__(self) -> None:
         self.predictor: Predictor | None = None
@@ -37,7 +43,9 @@ class SkinHandler:
         # Set for the batching pool: its explanation requests are answered 307, and nginx replays them there.
         self.explanations_at = settings.get("explanations_at")
         model_dir = Path(context.system_properties["model_dir"])
-        self.predictor = Predictor.from_checkpoint(model_dir / context.manifest["model"]["serializedFile"])
+        device = worker_device(context.system_properties.get("gpu_id"))
+        self.predictor = Predictor.from_checkpoint(model_dir / context.manifest["model"]["serializedFile"], device)
+        log.info("%s on %s", self.predictor.arch, device)
 
     def handle(self, data: Any, context: Any) -> list[dict]:
         if not is_request_rows(data, context):
