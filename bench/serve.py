@@ -99,18 +99,20 @@ class Service:
                                                  text, re.MULTILINE))
 
     def handler_ms(self, since: int) -> dict[str, float]:
-        """Mean per-request milliseconds of the handler's timers, from the worker log lines after offset `since`."""
+        """Mean per-request milliseconds of the handler's timers, and the mean batch size ("batch"), from the
+        worker log lines after offset `since`."""
         totals: dict[str, float] = {}
-        requests_seen = 0
+        requests_seen = batches = 0
         with self.model_log.open() as log:
             log.seek(since)
             for line in log:
                 match = re.search(r"handler_ms batch=(\d+) (.*)$", line)
                 if match:
+                    batches += 1
                     requests_seen += int(match.group(1))
                     for key, value in re.findall(r"(\w+)=([\d.]+)", match.group(2)):
                         totals[key] = totals.get(key, 0.0) + float(value)
-        return {key: value / max(requests_seen, 1) for key, value in totals.items()}
+        return {"batch": requests_seen / max(batches, 1)} | {key: value / max(requests_seen, 1) for key, value in totals.items()}
 
 
 def cpu_seconds() -> dict[str, float]:
@@ -237,13 +239,15 @@ def main() -> None:
         print(f"| {arch} | {cells} | {f['throughput']:.1f} (batch {f['best_batch']}) | {f['latency_ms']:.1f} ms |")
 
     print("\nServed (client -> nginx -> TorchServe -> handler), full-size JPEGs")
-    print("| model | concurrency | img/s | x floor | p50 ms | p99 ms | errors | TorchServe ms | decode | preprocess | forward |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| model | concurrency | img/s | x floor | p50 ms | p99 ms | errors | TorchServe ms | mean batch "
+          "| decode | preprocess | forward |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for (arch, concurrency), r in results.items():
         errors = ", ".join(f"{k}: {v}" for k, v in r["errors"].items()) or "0"
         h = r["handler"]
         print(f"| {arch} | {concurrency} | {r['throughput']:.1f} | {r['throughput'] / floors[arch]['throughput']:.2f} | "
-              f"{r['p50']:.1f} | {r['p99']:.1f} | {errors} | {r['torchserve_ms']:.1f} | {h.get('decode', 0):.1f} | "
+              f"{r['p50']:.1f} | {r['p99']:.1f} | {errors} | {r['torchserve_ms']:.1f} | {h['batch']:.1f} | "
+              f"{h.get('decode', 0):.1f} | "
               f"{h.get('preprocess', 0):.1f} | {h.get('forward', 0):.1f} |")
     print(f"\nencode (json.dumps of an answer, after the handler): {encode:.3f} ms")
 

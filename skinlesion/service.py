@@ -25,7 +25,8 @@ from skinlesion.predictor import Predictor
 log = logging.getLogger(__name__)
 
 PRECISIONS = tuple(PRECISION_SETTINGS)
-DATA_URL_PREFIX = re.compile(r"^data:image/[A-Za-z0-9.+-]+;base64,")
+DATA_URL_PREFIX = re.compile(r"data:image/[A-Za-z0-9.+-]+;base64,")
+WHITESPACE = re.compile(r"\s+")
 
 
 class RequestError(ValueError):
@@ -75,10 +76,8 @@ def parse_request(body: Any) -> PredictRequest:
         raise RequestError("'image' is required: the image file's bytes as a base64 string")
     if not isinstance(image, str):
         raise RequestError(f"'image' must be a base64 string, not {json_type(image)}")
-    try:
-        data = base64.b64decode(re.sub(r"\s+", "", DATA_URL_PREFIX.sub("", image, count=1)), validate=True)
-    except (binascii.Error, ValueError):
-        raise RequestError("'image' is not valid base64") from None
+    prefix = DATA_URL_PREFIX.match(image)
+    data = decode_base64(image[prefix.end():] if prefix else image)
     explain = fields.get("explain", False)
     if not isinstance(explain, bool):
         raise RequestError(f"'explain' must be true or false, not {json_type(explain)}")
@@ -89,6 +88,18 @@ def parse_request(body: Any) -> PredictRequest:
     if not isinstance(method, str) or method.lower() not in METHODS:
         raise RequestError(f"'method' must be one of {', '.join(METHODS)}, not {json.dumps(method)[:40]}")
     return PredictRequest(data, explain, precision.capitalize(), method.lower())
+
+
+def decode_base64(text: str) -> bytes:
+    """Strict base64, also line-wrapped (`base64` without -w0); the whitespace scan only runs when the
+    plain decode fails, since it costs a quarter of a millisecond on every full-size photo."""
+    try:
+        try:
+            return base64.b64decode(text, validate=True)
+        except binascii.Error:
+            return base64.b64decode(WHITESPACE.sub("", text), validate=True)
+    except (binascii.Error, ValueError):
+        raise RequestError("'image' is not valid base64") from None
 
 
 def json_type(value: Any) -> str:

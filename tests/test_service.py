@@ -33,6 +33,16 @@ def test_data_url_prefix_and_raw_bytes_body() -> None:
     assert parse_request(body).image[:2] == b"\xff\xd8"
 
 
+def test_line_wrapped_base64_decodes_to_the_same_bytes() -> None:
+    plain = jpeg_b64((300, 200))
+    wrapped = base64.encodebytes(base64.b64decode(plain)).decode()  # 76-character lines, as `base64` writes
+    assert "\n" in wrapped
+    assert parse_request({"image": wrapped}).image == parse_request({"image": plain}).image
+    assert parse_request({"image": "data:image/jpeg;base64,\n" + wrapped}).image == base64.b64decode(plain)
+    with pytest.raises(RequestError, match="not valid base64"):
+        parse_request({"image": wrapped.replace("\n", "\n!", 1)})
+
+
 @pytest.mark.parametrize(
     ("body", "message"),
     [
