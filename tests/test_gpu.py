@@ -55,11 +55,11 @@ def test_cuda_probabilities_match_the_cpu(checkpoints, fullres_images) -> None:
 
 
 def test_served_workers_report_the_device_torchserve_gave_them(service) -> None:
-    expected = "cuda:0" if torch.cuda.is_available() else "cpu"
+    expected, other = ("cuda:0", "cpu") if torch.cuda.is_available() else ("cpu", "cuda")
     log = (service.run_dir / "torchserve" / "model_log.log").read_text()
     for arch in ("resnet18", "resnet34"):
         assert f"{arch} on {expected}" in log
-    assert " on cpu" not in log if expected != "cpu" else " on cuda" not in log
+        assert f"{arch} on {other}" not in log
 
 
 @needs_cuda
