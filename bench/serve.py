@@ -9,8 +9,8 @@ prediction model "skin" (the levers: workers, batchSize, maxBatchDelay, torch_th
 handler/explain-config.yaml), starts TorchServe and nginx on free ports via serve.py, and stops them at the
 end. Timings are wall-clock on this machine, and the CPU split counts every nginx and TorchServe process on
 it: run it on an otherwise idle one. The floor's best batch is measured again after each model's served
-levels, and the ratios use the mean of the two: on a shared host the same forward pass took up to a quarter
-longer a few minutes later. On a host with a GPU the floor runs on CUDA, as TorchServe's workers do there.
+levels, and the ratios use the mean of the two: on a shared host the floor moved by several percent within
+one run. On a host with a GPU the floor runs on CUDA, as TorchServe's workers do there.
 """
 
 from __future__ import annotations
@@ -67,24 +67,18 @@ def batch_throughput(predictor: Predictor, photos: list, size: int) -> float:
     return size / median_seconds(lambda: predictor.predict(batch), max(3, 64 // size))
 
 
-def floor(weights: Path, photos: list, threads: int, device: str) -> dict:
-    """In-process: preprocessing + forward at each batch size (all cores), and one image's latency."""
-    torch.set_num_threads(threads)
-    predictor = Predictor.from_checkpoint(weights, device)
+def floor(predictor: Predictor, photos: list) -> dict:
+    """In-process: preprocessing + forward at each batch size, and one image's latency."""
     per_batch = {size: batch_throughput(predictor, photos, size) for size in BATCH_SIZES}
     best = max(per_batch, key=per_batch.get)
     latency = median_seconds(lambda: predictor.predict(photos[:1]), 30)
-    return {"throughput": per_batch[best], "best_batch": best, "latency_ms": latency * 1000, "per_batch": per_batch,
-            "predictor": predictor}
+    return {"throughput": per_batch[best], "best_batch": best, "latency_ms": latency * 1000, "per_batch": per_batch}
 
 
-def floor_again(measured: dict, photos: list, threads: int) -> None:
-    """The floor's best batch measured again after the served levels: the reference for the ratios is the mean
-    of both, since a shared host's speed drifts over the minutes between them (README, Performance)."""
-    torch.set_num_threads(threads)
-    measured["after"] = batch_throughput(measured["predictor"], photos, measured["best_batch"])
-    measured["reference"] = (measured["throughput"] + measured["after"]) / 2
-    torch.set_num_threads(1)
+def reference(measured: dict) -> float:
+    """What the ratios compare against: the floor's best batch before and after the served levels, averaged,
+    since a shared host's speed drifts over the minutes between them (README, Performance)."""
+    return (measured["throughput"] + measured["after"]) / 2
 
 
 class Service:
@@ -219,7 +213,9 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print(f"device: {torch.cuda.get_device_name() if device == 'cuda' else 'CPU'}")
 
-    floors = {arch: floor(args.weights_dir / f"{arch}.pt", photos, args.threads, device) for arch in args.models}
+    predictors = {arch: Predictor.from_checkpoint(args.weights_dir / f"{arch}.pt", device) for arch in args.models}
+    torch.set_num_threads(args.threads)
+    floors = {arch: floor(predictor, photos) for arch, predictor in predictors.items()}
     torch.set_num_threads(1)  # the client side must not compete with the servers for the cores
     with tempfile.TemporaryDirectory() as tmp:
         service = Service(Path(tmp), args.weights_dir, args.model_config)
@@ -237,7 +233,9 @@ def main() -> None:
                     result["torchserve_ms"] = (service.torchserve_microseconds() - before) / 1000 / args.requests
                     result["handler"] = service.handler_ms(offset)
                     results[arch, concurrency] = result
-                floor_again(floors[arch], photos, args.threads)
+                torch.set_num_threads(args.threads)  # the floor's best batch again, the service idle meanwhile
+                floors[arch]["after"] = batch_throughput(predictors[arch], photos, floors[arch]["best_batch"])
+                torch.set_num_threads(1)
             answer = requests.post(f"{service.url}/predict", json={"image": base64.b64encode(raw[0]).decode()}, timeout=60).json()
             explain = None
             if args.explain_load:
@@ -254,7 +252,7 @@ def main() -> None:
     for arch, f in floors.items():
         cells = " | ".join(f"{f['per_batch'][b]:.1f}" for b in BATCH_SIZES)
         print(f"| {arch} | {cells} | {f['throughput']:.1f} (batch {f['best_batch']}) | {f['after']:.1f} | "
-              f"{f['reference']:.1f} | {f['latency_ms']:.1f} ms |")
+              f"{reference(f):.1f} | {f['latency_ms']:.1f} ms |")
 
     print("\nServed (client -> nginx -> TorchServe -> handler), full-size JPEGs")
     print("| model | concurrency | img/s | x floor | p50 ms | p99 ms | errors | TorchServe ms | mean batch "
@@ -263,7 +261,7 @@ def main() -> None:
     for (arch, concurrency), r in results.items():
         errors = ", ".join(f"{k}: {v}" for k, v in r["errors"].items()) or "0"
         h = r["handler"]
-        print(f"| {arch} | {concurrency} | {r['throughput']:.1f} | {r['throughput'] / floors[arch]['reference']:.2f} | "
+        print(f"| {arch} | {concurrency} | {r['throughput']:.1f} | {r['throughput'] / reference(floors[arch]):.2f} | "
               f"{r['p50']:.1f} | {r['p99']:.1f} | {errors} | {r['torchserve_ms']:.1f} | {h['batch']:.1f} | "
               f"{h.get('decode', 0):.1f} | "
               f"{h.get('preprocess', 0):.1f} | {h.get('forward', 0):.1f} |")
@@ -271,7 +269,7 @@ def main() -> None:
 
     groups = ["client", *PROCESS_GROUPS]
     print(f"\nCPU ms per request by process (all {os.cpu_count()} cores; in-process floor: "
-          + ", ".join(f"{arch} {os.cpu_count() * 1000 / f['reference']:.1f}" for arch, f in floors.items()) + ")")
+          + ", ".join(f"{arch} {os.cpu_count() * 1000 / reference(f):.1f}" for arch, f in floors.items()) + ")")
     print("| model | concurrency | " + " | ".join(groups) + " | total | cores busy |")
     print("|---" * (len(groups) + 4) + "|")
     for (arch, concurrency), r in results.items():
@@ -283,7 +281,7 @@ def main() -> None:
           f"| worst error rate (<= {MAX_ERROR_RATE:.0%}) |")
     print("|---|---|---|---|")
     for arch in args.models:
-        ratio = results[arch, 8]["throughput"] / floors[arch]["reference"] if (arch, 8) in results else float("nan")
+        ratio = results[arch, 8]["throughput"] / reference(floors[arch]) if (arch, 8) in results else float("nan")
         added = results[arch, 1]["p50"] - floors[arch]["latency_ms"] if (arch, 1) in results else float("nan")
         rate = max(sum(r["errors"].values()) / r["answered"] for (a, _), r in results.items() if a == arch)
         print(f"| {arch} | {ratio:.2f} {'PASS' if ratio >= MIN_THROUGHPUT_RATIO else 'FAIL'} | "

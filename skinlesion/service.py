@@ -7,7 +7,6 @@ Server-agnostic: the TorchServe handler (and any other server) hands bodies in a
 from __future__ import annotations
 
 import base64
-import binascii
 import json
 import logging
 import re
@@ -92,13 +91,14 @@ def parse_request(body: Any) -> PredictRequest:
 
 def decode_base64(text: str) -> bytes:
     """Strict base64, also line-wrapped (`base64` without -w0); the whitespace scan only runs when the
-    plain decode fails, since it costs a quarter of a millisecond on every full-size photo."""
+    plain decode fails: it ran over every photo, 1.8% of a worker's time (README, Performance)."""
     try:
-        try:
-            return base64.b64decode(text, validate=True)
-        except binascii.Error:
-            return base64.b64decode(WHITESPACE.sub("", text), validate=True)
-    except (binascii.Error, ValueError):
+        return base64.b64decode(text, validate=True)
+    except ValueError:  # binascii.Error (bad characters, padding) is one; line-wrapped text ends here too
+        pass
+    try:
+        return base64.b64decode(WHITESPACE.sub("", text), validate=True)
+    except ValueError:
         raise RequestError("'image' is not valid base64") from None
 
 
