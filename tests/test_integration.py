@@ -184,3 +184,15 @@ def test_nginx_keeps_its_connections_to_torchserve_open(service, image_b64) -> N
     ports = [port for port, _, _ in torchserve_requests(service, since)]
     # Without the upstream's keepalive, nginx would open a connection per request: six client ports.
     assert len(ports) == 6 and len(set(ports)) <= 2, ports
+
+
+def test_torchserve_runs_with_the_jvm_options_of_config_properties(service) -> None:
+    # TorchServe reads `vmargs` itself when it builds the java command line; the C1-only compiler they set is
+    # what keeps a fresh frontend's JIT warm-up short (config.properties, README Performance).
+    settings = dict(line.split("=", 1) for line in (serve.ROOT / "config.properties").read_text().splitlines()
+                    if line and not line.startswith("#"))
+    pid = (service.run_dir / "tmp" / ".model_server.pid").read_text().strip()
+    command = open(f"/proc/{pid}/cmdline", "rb").read().decode().split("\0")
+    jvm_options = command[: command.index("org.pytorch.serve.ModelServer")]
+    assert "-XX:TieredStopAtLevel=1" in jvm_options
+    assert set(settings["vmargs"].split()) <= set(jvm_options)
