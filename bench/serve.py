@@ -7,10 +7,11 @@ TorchServe, on real full-size photos, with the served time split into its parts.
 It builds archives of the shipped weights with the given per-version TorchServe settings of the plain-
 prediction model "skin" (the levers: workers, batchSize, maxBatchDelay, torch_threads; explanations keep
 handler/explain-config.yaml), starts TorchServe and nginx on free ports via serve.py, and stops them at the
-end. Timings are wall-clock on this machine, and the CPU split counts every nginx and TorchServe process on
-it: run it on an otherwise idle one. The floor's best batch is measured again after each model's served
-levels, and the ratios use the mean of the two: on a shared host the floor moved by several percent within
-one run. On a host with a GPU the floor runs on CUDA, as TorchServe's workers do there.
+end. Each model's levels follow a warm-up that lasts until TorchServe's JIT compilers are done. Timings are
+wall-clock on this machine, and the CPU split counts every nginx and TorchServe process on it: run it on an
+otherwise idle one. The floor's best batch is measured again after each model's served levels, and the ratios
+use the mean of the two: on a shared host the floor moved by several percent within one run. On a host with
+a GPU the floor runs on CUDA, as TorchServe's workers do there.
 """
 
 from __future__ import annotations
