@@ -176,6 +176,8 @@ def warm_up(url: str, photos: list[bytes]) -> dict:
         before = jit_compiler_seconds()
         run_load(url, photos, WARM_UP_REQUESTS, 8, explain_every=0)
         after = jit_compiler_seconds()
+        if not after:  # else the rule would read "done compiling" on a JVM whose threads it cannot see
+            raise RuntimeError("no JIT compiler thread of TorchServe's frontend found in /proc")
         compiling = sum(seconds - before.get(thread, 0.0) for thread, seconds in after.items()) * 1000 / WARM_UP_REQUESTS
         rounds += 1
     return {"requests": rounds * WARM_UP_REQUESTS, "compiler_ms": compiling}

@@ -7,6 +7,7 @@ import json
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import requests
@@ -196,3 +197,13 @@ def test_torchserve_runs_with_the_jvm_options_of_config_properties(service) -> N
     jvm_options = command[: command.index("org.pytorch.serve.ModelServer")]
     assert "-XX:TieredStopAtLevel=1" in jvm_options
     assert set(settings["vmargs"].split()) <= set(jvm_options)
+
+
+def test_the_benchmark_sees_the_frontends_jit_compiler_threads(service) -> None:
+    # bench/serve.py warms up until these threads stop working: if it could not see them, it would stop at once.
+    from bench.serve import jit_compiler_seconds
+
+    pid = (service.run_dir / "tmp" / ".model_server.pid").read_text().strip()
+    ours = {thread: seconds for thread, seconds in jit_compiler_seconds().items()
+            if (Path("/proc") / pid / "task" / str(thread)).exists()}
+    assert ours and sum(ours.values()) > 0  # TorchServe's start alone compiles for well over a clock tick
