@@ -167,20 +167,19 @@ def jit_compiler_seconds() -> dict[int, float]:
     return seconds
 
 
-def warm_up(url: str, photos: list[bytes]) -> dict:
+def warm_up(url: str, photos: list[bytes]) -> list[float]:
     """Rounds of plain predictions at concurrency 8 until the JVM's JIT compilers spent under JIT_SETTLED_MS of
-    CPU per request in a round: the new default version's workers warm up too. Returns the requests sent and
-    the last round's compiler milliseconds per request."""
-    rounds, compiling = 0, float("inf")
-    while compiling >= JIT_SETTLED_MS and rounds < MAX_WARM_UP_ROUNDS:
+    CPU per request in a round: the new default version's workers warm up too. Returns each round's compiler
+    milliseconds per request."""
+    rounds: list[float] = []
+    while (not rounds or rounds[-1] >= JIT_SETTLED_MS) and len(rounds) < MAX_WARM_UP_ROUNDS:
         before = jit_compiler_seconds()
         run_load(url, photos, WARM_UP_REQUESTS, 8, explain_every=0)
         after = jit_compiler_seconds()
         if not after:  # else the rule would read "done compiling" on a JVM whose threads it cannot see
             raise RuntimeError("no JIT compiler thread of TorchServe's frontend found in /proc")
-        compiling = sum(seconds - before.get(thread, 0.0) for thread, seconds in after.items()) * 1000 / WARM_UP_REQUESTS
-        rounds += 1
-    return {"requests": rounds * WARM_UP_REQUESTS, "compiler_ms": compiling}
+        rounds.append(sum(seconds - before.get(thread, 0.0) for thread, seconds in after.items()) * 1000 / WARM_UP_REQUESTS)
+    return rounds
 
 
 def load(url: str, photos: list[bytes], total: int, concurrency: int) -> dict:
@@ -291,9 +290,12 @@ def main() -> None:
         print(f"| {arch} | {cells} | {f['throughput']:.1f} (batch {f['best_batch']}) | {f['after']:.1f} | "
               f"{reference(f):.1f} | {f['latency_ms']:.1f} ms |")
 
-    print("\nServed (client -> nginx -> TorchServe -> handler), full-size JPEGs, after a warm-up of "
-          + ", ".join(f"{arch} {w['requests']} requests (JIT compiler {w['compiler_ms']:.2f} ms per request in the last "
-                      f"round)" for arch, w in warm_ups.items()))
+    print(f"\nWarm-up: rounds of {WARM_UP_REQUESTS} requests at concurrency 8 until TorchServe's JIT compilers spent "
+          f"under {JIT_SETTLED_MS} ms of CPU per request in a round; their ms per request, round by round:")
+    for arch, rounds in warm_ups.items():
+        print(f"{arch}: {len(rounds) * WARM_UP_REQUESTS} requests: " + ", ".join(f"{ms:.2f}" for ms in rounds))
+
+    print("\nServed (client -> nginx -> TorchServe -> handler), full-size JPEGs")
     print("| model | concurrency | img/s | x floor | p50 ms | p99 ms | errors | TorchServe ms | mean batch "
           "| decode | preprocess | forward |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
