@@ -28,6 +28,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import requests
@@ -48,8 +49,8 @@ MAX_ADDED_MS = 25.0  # served p50 at concurrency 1 minus the in-process single-i
 MAX_ERROR_RATE = 0.01
 MAX_EXPLAIN_SLOWDOWN = 3.0  # p99 of plain predictions while a High explanation runs / idle p99
 WARM_UP_REQUESTS = 480  # per warm-up round, at concurrency 8
-# TorchServe's JVM compiles the request path over its first requests (C2, the JVM's default, for thousands of
-# them, at up to 1.4 ms of CPU per request); the served levels start once a round's compiling is below this.
+# TorchServe's JVM compiles its request path over its first requests (with C2, the JVM's default, for more than
+# 7,000 of them, at up to 1.5 ms of CPU per request); the served levels start once a round's compiling is below this.
 JIT_SETTLED_MS = 0.05
 MAX_WARM_UP_ROUNDS = 16
 # Where the served CPU time goes, by process: a marker in each kind's command line.
@@ -129,41 +130,50 @@ class Service:
         return {"batch": requests_seen / max(batches, 1)} | {key: value / max(requests_seen, 1) for key, value in totals.items()}
 
 
+def used_cpu_seconds(stat: Path) -> float:
+    """User + system CPU seconds of the process or thread whose /proc `stat` file this is."""
+    fields = stat.read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def processes() -> Iterator[tuple[Path, str]]:
+    """(/proc folder, command line) of every process on the machine."""
+    for process in Path("/proc").iterdir():
+        if process.name.isdigit():
+            try:
+                yield process, (process / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:  # ended meanwhile
+                continue
+
+
 def cpu_seconds() -> dict[str, float]:
     """CPU seconds (user + system) used so far by this process (the load generator) and by all nginx,
     TorchServe frontend and TorchServe worker processes on the machine."""
     totals = dict.fromkeys(["client", *PROCESS_GROUPS], 0.0)
-    ticks = os.sysconf("SC_CLK_TCK")
-    for process in Path("/proc").iterdir():
-        if not process.name.isdigit():
-            continue
-        try:
-            command = (process / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            fields = (process / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:  # ended meanwhile
-            continue
+    for process, command in processes():
         own = int(process.name) == os.getpid()
         group = "client" if own else next((g for g, marker in PROCESS_GROUPS.items() if marker in command), None)
         if group:
-            totals[group] += (int(fields[11]) + int(fields[12])) / ticks  # utime + stime
+            try:
+                totals[group] += used_cpu_seconds(process / "stat")
+            except OSError:  # ended meanwhile
+                continue
     return totals
 
 
 def jit_compiler_seconds() -> dict[int, float]:
     """CPU seconds so far of each JIT compiler thread of TorchServe's Java frontend, by thread id (the JVM starts
     and ends compiler threads as it needs them)."""
-    ticks = os.sysconf("SC_CLK_TCK")
     seconds = {}
-    for thread in Path("/proc").glob("[0-9]*/task/[0-9]*"):
-        try:
-            if "CompilerThre" not in (thread / "comm").read_text():
-                continue
-            if PROCESS_GROUPS["TorchServe"].encode() not in (thread.parent.parent / "cmdline").read_bytes():
-                continue
-            fields = (thread / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:  # ended meanwhile
+    for process, command in processes():
+        if PROCESS_GROUPS["TorchServe"] not in command:
             continue
-        seconds[int(thread.name)] = (int(fields[11]) + int(fields[12])) / ticks
+        for thread in (process / "task").iterdir():
+            try:
+                if "CompilerThre" in (thread / "comm").read_text():
+                    seconds[int(thread.name)] = used_cpu_seconds(thread / "stat")
+            except OSError:  # ended meanwhile
+                continue
     return seconds
 
 

@@ -21,6 +21,12 @@ from skinlesion.model import ARCHITECTURES, DEFAULT_IMAGE_SIZE, build_model, sav
 from skinlesion.predictor import Predictor
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def properties(path: Path) -> dict[str, str]:
+    """A Java .properties file (config.properties) as a dict."""
+    lines = [line.strip() for line in path.read_text().splitlines()]
+    return dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
 DATA = Path(os.environ.get("SKIN_DATA_DIR", ROOT.parent / "shared" / "data"))
 FULLRES = DATA / "ham10000-fullres"
 HAM10000 = DATA / "ham10000"

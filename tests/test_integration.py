@@ -14,6 +14,7 @@ import requests
 
 import serve
 from skinlesion.model import CLASS_NAMES
+from tests.conftest import ROOT, properties
 
 BAD_BODIES = {
     "not json": b"{not json",
@@ -187,23 +188,25 @@ def test_nginx_keeps_its_connections_to_torchserve_open(service, image_b64) -> N
     assert len(ports) == 6 and len(set(ports)) <= 2, ports
 
 
+def frontend_pid(service) -> str:
+    """TorchServe's Java frontend: the pid file it keeps in the instance's TMPDIR (serve.torchserve_env)."""
+    return (service.run_dir / "tmp" / ".model_server.pid").read_text().strip()
+
+
 def test_torchserve_runs_with_the_jvm_options_of_config_properties(service) -> None:
     # TorchServe reads `vmargs` itself when it builds the java command line; the C1-only compiler they set is
     # what keeps a fresh frontend's JIT warm-up short (config.properties, README Performance).
-    settings = dict(line.split("=", 1) for line in (serve.ROOT / "config.properties").read_text().splitlines()
-                    if line and not line.startswith("#"))
-    pid = (service.run_dir / "tmp" / ".model_server.pid").read_text().strip()
-    command = open(f"/proc/{pid}/cmdline", "rb").read().decode().split("\0")
+    vmargs = properties(ROOT / "config.properties")["vmargs"].split()
+    command = Path(f"/proc/{frontend_pid(service)}/cmdline").read_bytes().decode().split("\0")
     jvm_options = command[: command.index("org.pytorch.serve.ModelServer")]
     assert "-XX:TieredStopAtLevel=1" in jvm_options
-    assert set(settings["vmargs"].split()) <= set(jvm_options)
+    assert set(vmargs) <= set(jvm_options)
 
 
 def test_the_benchmark_sees_the_frontends_jit_compiler_threads(service) -> None:
     # bench/serve.py warms up until these threads stop working: if it could not see them, it would stop at once.
     from bench.serve import jit_compiler_seconds
 
-    pid = (service.run_dir / "tmp" / ".model_server.pid").read_text().strip()
-    ours = {thread: seconds for thread, seconds in jit_compiler_seconds().items()
-            if (Path("/proc") / pid / "task" / str(thread)).exists()}
+    tasks = Path("/proc") / frontend_pid(service) / "task"
+    ours = {thread: seconds for thread, seconds in jit_compiler_seconds().items() if (tasks / str(thread)).exists()}
     assert ours and sum(ours.values()) > 0  # TorchServe's start alone compiles for well over a clock tick

@@ -20,17 +20,12 @@ import yaml
 
 import serve
 from skinlesion.model import ARCHITECTURES, CLASS_NAMES
-from tests.conftest import ROOT
+from tests.conftest import ROOT, properties
 
 KSERVE = ROOT / "deploy" / "kserve"
 MOUNT = "/mnt/models"  # where KServe's storage initializer puts storageUri
 # Keys that differ from the repository's config.properties on purpose (the file's comments say why).
 KSERVE_ONLY = {"inference_address", "allowed_urls", "model_store", "model_snapshot"}
-
-
-def properties(path: Path) -> dict[str, str]:
-    lines = [line.strip() for line in path.read_text().splitlines()]
-    return dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
 
 
 def predictor() -> dict:
