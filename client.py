@@ -3,6 +3,7 @@
     python client.py [--explain] [--precision Low|Medium|High] [--method lime|gradcam] [--out DIR]
                      [--json] [--workers N] [--url URL] image|directory|glob [...]
     python client.py --use-model resnet18|resnet34 [--management-url URL]
+    python client.py --model-card [--url URL]
 
 Exit status: 0 when every image succeeded, 1 when any failed, 2 for usage errors.
 """
@@ -95,6 +96,16 @@ def read_envelope(url: str, response: requests.Response) -> dict:
     return payload
 
 
+def get_model_card(predict_url: str, timeout: float = 10.0) -> dict:
+    """GET /model beside the /predict URL: the served default version's card (a success envelope)."""
+    url = predict_url.rsplit("/predict", 1)[0] + "/model"
+    try:
+        response = requests.get(url, timeout=timeout)
+    except requests.RequestException as exc:
+        raise ClientError(f"cannot read the model card at {url} ({reason(exc)})") from None
+    return read_envelope(url, response)
+
+
 def use_model(management_url: str, version: str) -> str:
     """Make `version` the default of the "skin" model in TorchServe; returns the default it now reports."""
     from serve import http_json, set_default  # here, not at the top: serve.py imports torch
@@ -157,16 +168,26 @@ def classify_file(path: Path, args: argparse.Namespace) -> dict:
     return result
 
 
+def malignancy(result: dict) -> str:
+    probability = result.get("malignant_probability")
+    if probability is None:
+        return "?"
+    return f"{probability:.2f}" + (" ALERT" if result.get("malignancy_alert") else "")
+
+
 def print_table(results: list[dict]) -> None:
-    rows = [("file", "prediction", "probability", "top-3", "model")]
+    rows = [("file", "prediction", "probability", "top-3", "malignant", "model", "warnings")]
     for r in results:
         top = sorted(r.get("probabilities", {}).items(), key=lambda item: -item[1])[:3]
         rows.append((r["file"], r.get("prediction", "?"), f"{r.get('probability', 0):.3f}",
-                     ", ".join(f"{name} {p:.2f}" for name, p in top), r.get("model", "?")))
+                     ", ".join(f"{name} {p:.2f}" for name, p in top), malignancy(r), r.get("model", "?"),
+                     ", ".join(w.get("code", "?") for w in r.get("warnings", [])) or "-"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
     for r in results:
+        for warning in r.get("warnings", []):
+            print(f"{r['file']}: warning: {warning.get('message', warning.get('code'))}")
         if "saved" in r:
             print(f"{r['file']}: explanation saved to {r['saved']}")
 
@@ -188,11 +209,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--workers", type=positive_int, default=1, metavar="N", help="concurrent requests (default 1)")
     parser.add_argument("--url", default=os.environ.get("SKIN_API_URL", DEFAULT_URL), help="the /predict URL ($SKIN_API_URL)")
     parser.add_argument("--use-model", choices=MODELS, help="switch the service's default model version first")
+    parser.add_argument("--model-card", action="store_true",
+                        help="print the served model's card (GET /model: metrics, calibration, thresholds) as JSON")
     parser.add_argument("--management-url", default=os.environ.get("SKIN_MANAGEMENT_URL", DEFAULT_MANAGEMENT_URL),
                         help="TorchServe's management API ($SKIN_MANAGEMENT_URL)")
     args = parser.parse_args(argv)
-    if not args.images and not args.use_model:
-        parser.error("give at least one image, or --use-model")
+    if not args.images and not args.use_model and not args.model_card:
+        parser.error("give at least one image, --use-model or --model-card")
     if args.out and not args.explain:
         parser.error("--out saves explanations: add --explain")
     return args
@@ -207,6 +230,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 1
         print(f"default model: {current}", file=sys.stderr if args.images else sys.stdout)
+        if not args.images and not args.model_card:
+            return 0
+    if args.model_card:
+        try:
+            print(json.dumps(get_model_card(args.url), indent=2))
+        except ClientError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
         if not args.images:
             return 0
     paths, problems = expand_inputs(args.images)

@@ -17,7 +17,7 @@ import pandas as pd
 import streamlit as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root, for client.py
-from client import ClientError, post_predict  # noqa: E402
+from client import ClientError, get_model_card, post_predict  # noqa: E402
 
 API_URL = os.environ.get("SKIN_API_URL", "http://127.0.0.1:8089/predict")
 
@@ -45,8 +45,43 @@ def classify(image: bytes, explain: bool, method: str, precision: str) -> dict:
     return cache[key]
 
 
+@st.cache_data(ttl=60, show_spinner=False)
+def model_card(api_url: str) -> dict:
+    try:
+        return get_model_card(api_url)
+    except ClientError as exc:
+        return {"success": False, "error": str(exc)}
+
+
+def show_model_card(card: dict) -> None:
+    """The sidebar's "how good is this model" panel, from GET /model."""
+    st.header("How good is this model?")
+    metrics = card.get("test_metrics") if card.get("success") else None
+    if not metrics:
+        st.caption(f"No measured metrics from the server ({card.get('error', 'the model is not calibrated')}).")
+        return
+    st.caption(f"{card['architecture']} on {metrics['test_images']:,} test images of lesions it never saw:")
+    st.markdown(
+        f"- accuracy **{metrics['accuracy']:.0%}**, balanced accuracy **{metrics['balanced_accuracy']:.0%}**\n"
+        f"- melanomas found **{metrics['melanoma_sensitivity']:.0%}** (melanoma AUC {metrics['melanoma_auc']:.2f})\n"
+        f"- malignancy alert: finds **{metrics['malignancy_sensitivity']:.0%}** of malignant lesions, "
+        f"clears {metrics['malignancy_specificity']:.0%} of benign ones\n"
+        f"- calibration error {metrics['expected_calibration_error']:.3f}"
+    )
+
+
 def show_result(answer: dict) -> None:
+    if answer.get("in_domain") is False:
+        st.warning("**Not a usable lesion photo.** " + " ".join(
+            w["message"][0].upper() + w["message"][1:] + "." for w in answer["warnings"] if w.get("code") == "out_of_domain"))
+        st.caption(f"The model would have said {answer['prediction']} ({answer['probability']:.0%}); do not rely on it.")
+        return
     st.markdown(f"**{answer['prediction']}** — probability {answer['probability']:.1%}")
+    if answer.get("malignancy_alert"):
+        st.error(f"**Malignancy alert**: probability of a malignant lesion {answer['malignant_probability']:.0%}. "
+                 "Have this lesion examined by a dermatologist.")
+    elif answer.get("malignant_probability") is not None:
+        st.caption(f"Probability of a malignant lesion: {answer['malignant_probability']:.0%} (below the alert threshold)")
     data = pd.DataFrame({"class": list(answer["probabilities"]), "probability": list(answer["probabilities"].values())})
     chart = alt.Chart(data).mark_bar().encode(
         x=alt.X("probability:Q", scale=alt.Scale(domain=[0, 1]), axis=alt.Axis(format="%")),
@@ -85,6 +120,7 @@ with st.sidebar:
         + f"; Grad-CAM ~{EXPECTED_SECONDS['gradcam']} s."
     )
     st.caption(f"Server: `{API_URL}`")
+    show_model_card(model_card(API_URL))
 
 uploads = st.file_uploader("Dermatoscopic images (JPEG or PNG)", type=["jpg", "jpeg", "png"], accept_multiple_files=True)
 

@@ -56,12 +56,21 @@ def save_checkpoint(model: nn.Module, arch: str, image_size: tuple[int, int], pa
     )
 
 
+def add_to_checkpoint(path: str | Path, **entries: Any) -> None:
+    """Store extra entries (the calibration, the model card's metrics) in a checkpoint, keeping the weights."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint.update(entries)
+    torch.save(checkpoint, path)
+
+
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """Load a checkpoint written by `save_checkpoint` into an eval-mode float32 model."""
+    """Load a checkpoint written by `save_checkpoint` into an eval-mode float32 model; the metadata also
+    carries its "calibration" state and "card" metrics (None before `python -m training.calibrate`)."""
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     if list(checkpoint["classes"]) != list(CLASS_CODES):
         raise ValueError(f"{path}: class list {checkpoint['classes']} does not match {list(CLASS_CODES)}")
     model = build_model(checkpoint["arch"])
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in checkpoint["state_dict"].items()})
     model.to(device).eval()
-    return model, {"arch": checkpoint["arch"], "image_size": tuple(checkpoint["image_size"])}
+    return model, {"arch": checkpoint["arch"], "image_size": tuple(checkpoint["image_size"]),
+                   "calibration": checkpoint.get("calibration"), "card": checkpoint.get("card")}

@@ -3,18 +3,36 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from PIL import Image
 from torch import nn
 
+from skinlesion.calibration import MALIGNANT_CODES, Calibration, input_statistics, malignant_probability
 from skinlesion.image import preprocess
-from skinlesion.model import CLASS_NAMES, load_checkpoint
+from skinlesion.model import CLASS_NAMES, CLASSES, load_checkpoint
+
+UNCALIBRATED = {
+    "code": "uncalibrated",
+    "message": "this model has no fitted calibration: its probabilities are uncalibrated, and neither the "
+    "out-of-domain check nor the malignancy alert is made (python -m training.calibrate fits them)",
+}
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """The raw network outputs for a batch (all on the CPU, float32)."""
+
+    logits: torch.Tensor  # N x 7, before the temperature
+    features: torch.Tensor  # N x D, the pooled features the classifier reads
+    statistics: torch.Tensor  # N x 18, calibration.input_statistics
 
 
 class Predictor:
-    def __init__(self, model: nn.Module, arch: str, image_size: tuple[int, int], device: str = "cpu") -> None:
+    def __init__(self, model: nn.Module, arch: str, image_size: tuple[int, int], device: str = "cpu",
+                 calibration: Calibration | None = None, card: dict | None = None) -> None:
         # channels_last: oneDNN's convolutions are about 12% faster on it (bench/explain.py prints both layouts).
         self.model = model.to(device, memory_format=torch.channels_last).eval()
         # Every architecture is a torchvision ResNet: all its children but the classifier `fc`, in order.
@@ -22,47 +40,112 @@ class Predictor:
         self.arch = arch
         self.image_size = tuple(image_size)
         self.device = torch.device(device)
+        self.calibration = calibration
+        # The test-split metrics `python -m training.calibrate` stored beside the calibration.
+        self.card = card
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "cpu") -> Predictor:
         model, meta = load_checkpoint(path, device)
-        return cls(model, meta["arch"], meta["image_size"], device)
+        calibration = Calibration.from_state(meta["calibration"]) if meta["calibration"] else None
+        return cls(model, meta["arch"], meta["image_size"], device, calibration, meta["card"])
+
+    @property
+    def temperature(self) -> float:
+        return self.calibration.temperature if self.calibration else 1.0
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         return preprocess(image, self.image_size)
 
-    def probabilities(self, inputs: torch.Tensor, batch_size: int = 64, bfloat16: bool = False) -> torch.Tensor:
-        """Softmax probabilities (N x 7, on the CPU) for preprocessed inputs (N x 3 x H x W).
+    def outputs(self, inputs: torch.Tensor, batch_size: int = 64, bfloat16: bool = False) -> Outputs:
+        """Logits, pooled features and input statistics for preprocessed inputs (N x 3 x H x W).
 
         `bfloat16` runs the convolutional trunk in bfloat16 (LIME's perturbed images: about 2x faster where the
         hardware has it) and keeps the classifier in float32: logits rounded to bfloat16's 8 bits made LIME's
         ranking of regions change from seed to seed in a one-off check on a HAM10000 photo.
         """
-        answers = []
+        logits, features, statistics = [], [], []
         with torch.inference_mode():
             for chunk in inputs.split(batch_size):
+                chunk = chunk.to(self.device, memory_format=torch.channels_last)
                 with torch.autocast(self.device.type, torch.bfloat16, enabled=bfloat16):
-                    features = self.trunk(chunk.to(self.device, memory_format=torch.channels_last))
-                answers.append(self.model.fc(features.float().flatten(1)).softmax(dim=1).cpu())
-        return torch.cat(answers)
+                    pooled = self.trunk(chunk)
+                pooled = pooled.float().flatten(1)
+                logits.append(self.model.fc(pooled).cpu())
+                features.append(pooled.cpu())
+                statistics.append(input_statistics(chunk).cpu())
+        return Outputs(torch.cat(logits), torch.cat(features), torch.cat(statistics))
 
-    def describe(self, probabilities: torch.Tensor) -> dict:
-        """The response fields for one image's probability vector."""
+    def calibrated(self, logits: torch.Tensor) -> torch.Tensor:
+        """Softmax probabilities at the fitted temperature."""
+        return (logits / self.temperature).softmax(dim=-1)
+
+    def probabilities(self, inputs: torch.Tensor, batch_size: int = 64, bfloat16: bool = False) -> torch.Tensor:
+        """Calibrated probabilities (N x 7, on the CPU) for preprocessed inputs (N x 3 x H x W)."""
+        return self.calibrated(self.outputs(inputs, batch_size, bfloat16).logits)
+
+    def domain_scores(self, outputs: Outputs) -> torch.Tensor | None:
+        """Per image, how unlike the training lesions it looks (calibration.Calibration.domain_score)."""
+        return self.calibration.domain_score(outputs.statistics, outputs.features) if self.calibration else None
+
+    def describe(self, probabilities: torch.Tensor, domain_score: float | None = None) -> dict:
+        """The response fields for one image's calibrated probability vector and domain score."""
         best = int(probabilities.argmax())
-        return {
+        malignant = float(malignant_probability(probabilities))
+        answer = {
             "prediction": CLASS_NAMES[best],
             "probability": float(probabilities[best]),
             "probabilities": {name: float(p) for name, p in zip(CLASS_NAMES, probabilities, strict=True)},
             "model": self.arch,
+            "malignant_probability": malignant,
+            "malignancy_alert": None,
+            "in_domain": None,
+            "domain_score": None,
+            "warnings": [],
         }
+        if self.calibration is None:
+            answer["warnings"].append(UNCALIBRATED)
+            return answer
+        answer["malignancy_alert"] = malignant >= self.calibration.malignancy_threshold
+        if domain_score is not None:
+            answer["domain_score"] = round(float(domain_score), 3)
+            answer["in_domain"] = bool(domain_score <= self.calibration.domain_threshold)
+            if not answer["in_domain"]:
+                answer["warnings"].append({
+                    "code": "out_of_domain",
+                    "message": f"this image does not look like the dermatoscopic lesion photos the model was trained "
+                    f"on (domain score {domain_score:.1f}, lesions score at most {self.calibration.domain_threshold:.1f}): "
+                    "the prediction is likely meaningless",
+                })
+        return answer
 
     def predict(self, images: list[Image.Image], timings: dict[str, float] | None = None) -> list[dict]:
         """Response fields per image; `timings` (if given) gets the milliseconds spent preprocessing and in the model."""
         start = time.perf_counter()
         inputs = torch.stack([self.preprocess(image) for image in images])
         preprocessed = time.perf_counter()
-        probabilities = self.probabilities(inputs)
+        outputs = self.outputs(inputs)
+        probabilities = self.calibrated(outputs.logits)
+        scores = self.domain_scores(outputs)
         if timings is not None:
             timings["preprocess"] = (preprocessed - start) * 1000
             timings["forward"] = (time.perf_counter() - preprocessed) * 1000
-        return [self.describe(p) for p in probabilities]
+        return [self.describe(p, None if scores is None else float(scores[i])) for i, p in enumerate(probabilities)]
+
+    def model_card(self) -> dict:
+        """What GET /model answers: the model, its calibration and thresholds, and its measured test metrics."""
+        calibration = self.calibration
+        return {
+            "architecture": self.arch,
+            "version": self.arch,
+            "classes": [{"code": c.code, "name": c.name} for c in CLASSES],
+            "input_size": {"height": self.image_size[0], "width": self.image_size[1]},
+            "calibrated": calibration is not None,
+            "temperature": self.temperature,
+            "thresholds": {
+                "out_of_domain": calibration.domain_threshold if calibration else None,
+                "malignancy": calibration.malignancy_threshold if calibration else None,
+            },
+            "malignant_classes": list(MALIGNANT_CODES),
+            "test_metrics": self.card,
+        }

@@ -24,6 +24,8 @@ from skinlesion.predictor import Predictor
 log = logging.getLogger(__name__)
 
 PRECISIONS = tuple(PRECISION_SETTINGS)
+# The body nginx sends for GET /model (proxy/nginx.conf): answered with the model card, not a prediction.
+MODEL_CARD_REQUEST = {"model_card": True}
 DATA_URL_PREFIX = re.compile(r"data:image/[A-Za-z0-9.+-]+;base64,")
 WHITESPACE = re.compile(r"\s+")
 
@@ -135,7 +137,11 @@ def respond(predictor: Predictor, bodies: list[Any], timings: dict[str, float] |
     accepted: list[tuple[int, PredictRequest, Image.Image]] = []
     for i, body in enumerate(bodies):
         try:
-            request = parse_request(body)
+            fields = parse_body(body)
+            if fields == MODEL_CARD_REQUEST:
+                answers[i] = (200, {"success": True, **predictor.model_card()})
+                continue
+            request = parse_request(fields)
             if request.explain and explanations_at:
                 answers[i] = (307, failure(f"explanations are answered at {explanations_at}: send this request there"))
                 continue

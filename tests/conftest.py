@@ -19,6 +19,8 @@ import torch
 from serve import build_archives, free_port, free_ports
 from skinlesion.model import ARCHITECTURES, DEFAULT_IMAGE_SIZE, build_model, save_checkpoint
 from skinlesion.predictor import Predictor
+from training.calibrate import calibrate_checkpoint
+from training.data import split_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -82,11 +84,15 @@ def image_b64(fullres_images: list[Path]) -> str:
 
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Random-weight (seeded) checkpoints for every architecture, in the shipped format."""
+    """Random-weight (seeded) checkpoints for every architecture, in the shipped format, each calibrated by
+    `python -m training.calibrate`'s code on a sample of the real lesions (the input-statistics half of the
+    out-of-domain check does not depend on the weights, so generated images are flagged even by a random network)."""
     folder = tmp_path_factory.mktemp("weights")
+    train, val, test = split_dataset(HAM10000, seed=0)
     for i, arch in enumerate(ARCHITECTURES):
         torch.manual_seed(i)
         save_checkpoint(build_model(arch), arch, DEFAULT_IMAGE_SIZE, folder / f"{arch}.pt")
+        calibrate_checkpoint(folder / f"{arch}.pt", train[::40], val[::8], test[::40])
     return folder
 
 

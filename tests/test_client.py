@@ -9,8 +9,10 @@ from collections.abc import Iterator
 from http.server import ThreadingHTTPServer
 from pathlib import Path
 
+import numpy as np
 import pytest
 import requests
+from PIL import Image
 
 import client
 from serve import free_port, set_default
@@ -30,6 +32,27 @@ def test_one_image_prints_a_table_with_the_class(service, fullres_images) -> Non
     assert row.startswith(str(fullres_images[0]))
     assert any(name in row for name in CLASS_NAMES)
     assert "resnet34" in row
+
+
+def test_warnings_are_in_the_table_and_in_the_json(service, tmp_path: Path) -> None:
+    noise = tmp_path / "noise.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (450, 600, 3), dtype=np.uint8)).save(noise)
+    table = run_client("--url", service.predict_url, str(noise))
+    assert table.returncode == 0, table.stderr
+    header, row, warning = table.stdout.splitlines()
+    assert header.split()[-3:] == ["malignant", "model", "warnings"]
+    assert row.split()[-1] == "out_of_domain"
+    assert warning.startswith(f"{noise}: warning: this image does not look like")
+    lines = run_client("--url", service.predict_url, "--json", str(noise)).stdout.splitlines()
+    [answer] = [json.loads(line) for line in lines]
+    assert answer["in_domain"] is False and answer["warnings"][0]["code"] == "out_of_domain"
+
+
+def test_model_card_prints_the_served_card(service) -> None:
+    result = run_client("--url", service.predict_url, "--model-card")
+    assert result.returncode == 0, result.stderr
+    card = json.loads(result.stdout)
+    assert card["success"] is True and card["architecture"] == "resnet34" and card["calibrated"] is True
 
 
 def test_several_images_as_json_lines(service, fullres_images) -> None:

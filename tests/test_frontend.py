@@ -12,7 +12,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from serve import free_port
@@ -123,6 +125,27 @@ def test_upload_shows_prediction_and_chart(page: Page, app_url: str, fullres_ima
     expect(page.locator('[data-testid="stImage"]')).to_have_count(1)  # the original; no overlay without explain
     expect(page.get_by_text("not a diagnosis")).to_be_visible()
     expect(page.get_by_text("CC BY-NC 4.0")).to_be_visible()
+    expect(page.get_by_text(re.compile(r"(Malignancy alert|Probability of a malignant lesion)"))).to_be_visible()
+
+
+def test_a_non_lesion_image_shows_the_warning_instead_of_the_label(page: Page, app_url: str, tmp_path: Path) -> None:
+    noise = tmp_path / "noise.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (450, 600, 3), dtype=np.uint8)).save(noise)
+    open_and_upload(page, app_url, noise)
+    expect(page.get_by_text("Not a usable lesion photo")).to_be_visible(timeout=PAGE_MS)
+    expect(page.get_by_text(re.compile("does not look like the dermatoscopic lesion photos"))).to_be_visible()
+    expect(page.get_by_text(RESULT)).to_have_count(0)  # no headline label, and no alert about a non-lesion
+    expect(page.get_by_text("Malignancy alert")).to_have_count(0)
+    expect(page.locator('[data-testid="stException"]')).to_have_count(0)
+
+
+def test_the_sidebar_shows_how_good_the_model_is(page: Page, app_url: str) -> None:
+    page.goto(app_url)
+    sidebar = page.get_by_test_id("stSidebar")
+    expect(sidebar.get_by_text("How good is this model?")).to_be_visible(timeout=PAGE_MS)
+    expect(sidebar.get_by_text(re.compile(r"resnet34 on [\d,]+ test images"))).to_be_visible()
+    expect(sidebar.get_by_text(re.compile(r"balanced accuracy \d+%"))).to_be_visible()
+    expect(sidebar.get_by_text(re.compile(r"malignancy alert: finds \d+%"))).to_be_visible()
 
 
 def test_explain_shows_overlay(page: Page, app_url: str, fullres_images: list[Path]) -> None:

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import base64
+import io
 import json
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pytest
 import requests
+from PIL import Image
 
 import serve
 from skinlesion.model import CLASS_NAMES
@@ -56,6 +59,7 @@ def test_full_size_image_gets_a_success_envelope(service, image_b64) -> None:
     body = response.json()
     assert body["success"] is True and body["model"] == "resnet34"
     assert body["prediction"] in CLASS_NAMES and 0 < body["probability"] <= 1
+    assert {"malignant_probability", "malignancy_alert", "in_domain", "domain_score", "warnings"} <= set(body)
     assert list(body["probabilities"]) == list(CLASS_NAMES)
     assert sum(body["probabilities"].values()) == pytest.approx(1, abs=1e-4)
 
@@ -107,6 +111,34 @@ def test_wrong_method_and_health(service) -> None:
     assert response.headers["Allow"] == "POST"
     health = requests.get(f"{service.url}/health", timeout=10)
     assert health.status_code == 200 and health.json()["status"] == "Healthy"
+
+
+def test_get_model_is_the_served_default_versions_card(service) -> None:
+    card = requests.get(f"{service.url}/model", timeout=30)
+    assert card.status_code == 200
+    card = card.json()
+    assert card["success"] is True and card["architecture"] == card["version"] == "resnet34"
+    assert card["calibrated"] is True and card["thresholds"]["out_of_domain"] > 0 and card["temperature"] > 0
+    assert len(card["classes"]) == len(CLASS_NAMES) and card["test_metrics"]["test_images"] > 0
+    try:
+        serve.set_default(service.management_url, "resnet18")
+        assert requests.get(f"{service.url}/model", timeout=30).json()["architecture"] == "resnet18"
+    finally:
+        serve.set_default(service.management_url, "resnet34")
+    refused = requests.post(f"{service.url}/model", json={"image": "x"}, timeout=10)
+    assert refused.status_code == 405 and refused.json()["success"] is False
+    assert refused.headers["Allow"] == "GET, HEAD"
+
+
+def test_a_generated_image_is_answered_out_of_domain_through_the_service(service) -> None:
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (450, 600, 3), dtype=np.uint8)).save(buffer, "PNG")
+    response = post(service, {"image": base64.b64encode(buffer.getvalue()).decode()})
+    assert response.status_code == 200
+    body = response.json()
+    assert body["success"] is True and body["prediction"] in CLASS_NAMES
+    assert body["in_domain"] is False and [w["code"] for w in body["warnings"]] == ["out_of_domain"]
+    assert isinstance(body["malignancy_alert"], bool) and 0 <= body["malignant_probability"] <= 1
 
 
 def test_switching_the_default_version_changes_the_model(service, image_b64) -> None:

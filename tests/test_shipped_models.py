@@ -1,15 +1,23 @@
-"""The committed weights are real trained models: they load as served and beat the majority baseline."""
+"""The committed weights are real trained models: they load as served, beat the majority baseline, carry the
+calibration their report describes, and MODEL_CARD.md is generated from those reports."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
+import torch
 
+from skinlesion.image import decode_image
 from skinlesion.model import ARCHITECTURES, DEFAULT_IMAGE_SIZE
 from skinlesion.predictor import Predictor
 from tests.conftest import HAM10000, ROOT
+from training.calibrate import image_outputs
 from training.data import TEST_FOLDER, read_samples
 from training.evaluate import compute_metrics, predict_samples
+from training.model_card import read_reports, render
+from training.ood import out_of_domain_set
 
 
 @pytest.fixture(scope="module")
@@ -26,3 +34,35 @@ def test_shipped_weights_beat_the_majority_baseline_on_held_out_lesions(arch: st
     # Majority class (nv) gives about 0.67 accuracy and 0.14 balanced accuracy on this split.
     assert metrics["accuracy"] > 0.72
     assert metrics["balanced_accuracy"] > 0.45
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_shipped_weights_carry_the_calibration_of_their_report(arch: str) -> None:
+    predictor = Predictor.from_checkpoint(ROOT / "model_store" / f"{arch}.pt")
+    report = json.loads((ROOT / "model_store" / f"{arch}.json").read_text())
+    assert predictor.calibration.temperature == pytest.approx(report["calibration"]["temperature"])
+    assert predictor.calibration.domain_threshold == pytest.approx(report["calibration"]["out_of_domain"]["threshold"])
+    assert predictor.calibration.malignancy_threshold == pytest.approx(report["calibration"]["malignancy"]["threshold"])
+    for key in ("accuracy", "balanced_accuracy", "macro_auc", "melanoma_auc", "expected_calibration_error"):
+        assert predictor.card[key] == pytest.approx(report["test"][key])
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_shipped_models_flag_non_lesions_and_pass_most_test_lesions(arch: str, test_samples) -> None:
+    predictor = Predictor.from_checkpoint(ROOT / "model_store" / f"{arch}.pt")
+    lesions = [decode_image(s.path.read_bytes()) for s in test_samples]
+    # A draw of the out-of-domain set that neither chose nor reported the method (seeds 0 and 1 did).
+    images = [image for _, image in out_of_domain_set(lesions[:20], seed=2)]
+    ood, real = image_outputs(predictor, images), image_outputs(predictor, lesions)
+    threshold = predictor.calibration.domain_threshold
+    assert float((predictor.domain_scores(ood) > threshold).float().mean()) >= 0.9
+    assert float((predictor.domain_scores(real) > threshold).float().mean()) <= 0.08
+    # Calibrated probabilities fit these lesions better than the raw softmax.
+    labels = torch.tensor([s.label for s in test_samples])
+    raw = torch.nn.functional.cross_entropy(real.logits, labels)
+    assert torch.nn.functional.cross_entropy(real.logits / predictor.temperature, labels) < raw
+
+
+def test_the_model_card_is_generated_from_the_shipped_reports() -> None:
+    expected = render(read_reports(ROOT / "model_store"))
+    assert (ROOT / "MODEL_CARD.md").read_text() == expected, "run: python -m training.model_card"

@@ -23,9 +23,11 @@ from skinlesion.image import decode_image
 from skinlesion.model import CLASS_CODES, CLASS_NAMES
 from skinlesion.predictor import Predictor
 from training.__main__ import parse_args, train
+from training.calibrate import main as calibrate_main
 from training.data import TEST_FOLDER, TRAIN_FOLDER, grouped_split, read_samples, split_dataset
 from training.evaluate import compute_metrics, predict_samples
 from training.evaluate import main as evaluate_main
+from training.model_card import main as model_card_main
 
 COLUMNS = ("lesion_id", "image_id", "dx", "dx_type", "age", "sex", "localization")
 IMAGES_PER_LESION = (2, 1, 3, 1, 2)  # five lesions per class, 9 images per class, 63 in all
@@ -225,6 +227,32 @@ def test_training_writes_weights_the_predictor_serves(trained: Trained) -> None:
     assert sum(result["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
     assert all(0.0 <= p <= 1.0 for p in result["probabilities"].values())
     assert result["prediction"] == max(result["probabilities"], key=result["probabilities"].get)
+    # Training ends by calibrating its best checkpoint.
+    assert predictor.calibration is not None and predictor.card["test_images"] == 2 * len(CLASS_CODES)
+    assert isinstance(result["in_domain"], bool) and isinstance(result["malignancy_alert"], bool)
+
+
+def test_calibrate_cli_refits_a_checkpoint_and_updates_its_report(trained: Trained, tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    weights, report = tmp_path / "copy.pt", tmp_path / "copy.json"
+    shutil.copy(trained.weights, weights)
+    shutil.copy(trained.weights.with_suffix(".json"), report)
+    assert calibrate_main([str(trained.root), "--type", "resnet18", "--weights", str(weights)]) == 0
+    printed = capsys.readouterr().out
+    assert "temperature" in printed and "out-of-domain set" in printed and f"wrote {report}" in printed
+    saved = json.loads(report.read_text())
+    fitted = Predictor.from_checkpoint(weights).calibration
+    assert saved["calibration"]["temperature"] == pytest.approx(fitted.temperature)
+    assert saved["history"] == trained.report["history"]  # the rest of the training report is kept
+    assert set(saved["calibration"]["out_of_domain"]["selection_set"]["candidates"]) >= {"energy", "max logit"}
+    assert calibrate_main([str(trained.root), "--type", "resnet18", "--weights", str(tmp_path / "absent.pt")]) == 2
+
+
+def test_model_card_cli_needs_calibrated_reports(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "resnet18.json").write_text(json.dumps({"model": "resnet18"}))
+    assert model_card_main(["--store", str(tmp_path), "--out", str(tmp_path / "card.md")]) == 2
+    assert "run python -m training.calibrate first" in capsys.readouterr().err
+    assert not (tmp_path / "card.md").exists()
 
 
 def test_training_writes_report_and_figures_beside_the_weights(trained: Trained) -> None:

@@ -20,9 +20,9 @@ from tqdm import tqdm
 
 from skinlesion.image import decode_image, normalize, resize
 from skinlesion.model import ARCHITECTURES, CLASS_CODES, DEFAULT_IMAGE_SIZE, build_model, load_checkpoint, save_checkpoint
-from skinlesion.predictor import Predictor
+from training.calibrate import calibrate_checkpoint, format_calibration
 from training.data import Sample, split_dataset
-from training.evaluate import compute_metrics, format_report, predict_samples, to_json
+from training.evaluate import format_report, to_json
 from training.plots import plot_confusion, plot_curves
 
 
@@ -203,9 +203,12 @@ def train(args: argparse.Namespace) -> dict:
             flush=True,
         )
 
-    predictor = Predictor.from_checkpoint(args.modelname)
-    test_metrics = compute_metrics(np.array([s.label for s in test_set]), predict_samples(predictor, test_set))
+    # The best epoch's weights get their calibration (temperature, out-of-domain check, malignancy alert), and the
+    # test split is scored once, with calibrated probabilities, exactly as served.
+    calibrated = calibrate_checkpoint(args.modelname, train_set, val_set, test_set)
+    test_metrics = calibrated["test"]
     print(format_report(test_metrics), flush=True)
+    print(format_calibration(calibrated["calibration"]), flush=True)
     best_epoch = max(state["history"], key=lambda r: r["val_balanced_accuracy"])
     report = {
         "model": args.type,
@@ -216,6 +219,7 @@ def train(args: argparse.Namespace) -> dict:
         "best_epoch": best_epoch,
         "history": state["history"],
         "test": test_metrics,
+        "calibration": calibrated["calibration"],
     }
     stem = args.modelname.with_suffix("")
     Path(f"{stem}.json").write_text(to_json(report))

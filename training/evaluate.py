@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from sklearn.metrics import balanced_accuracy_score, confusion_matrix, precision_recall_fscore_support, roc_auc_score
 
+from skinlesion.calibration import MALIGNANT_INDICES
 from skinlesion.image import decode_image
 from skinlesion.model import ARCHITECTURES, CLASS_CODES
 from skinlesion.predictor import Predictor
@@ -50,11 +51,16 @@ def compute_metrics(labels: np.ndarray, probs: np.ndarray) -> dict:
         if 0 < positives.sum() < len(labels):
             aucs[k] = float(roc_auc_score(positives, probs[:, k]))
     mel_negatives = labels != MELANOMA
+    malignant = np.isin(labels, MALIGNANT_INDICES)
     return {
         "n_images": int(len(labels)),
         "accuracy": float((preds == labels).mean()),
         "balanced_accuracy": float(balanced_accuracy_score(labels, preds)),
         "macro_auc": float(np.mean(list(aucs.values()))) if aucs else float("nan"),
+        "melanoma_auc": aucs.get(MELANOMA, float("nan")),
+        # Malignant (melanoma, basal cell carcinoma, actinic keratoses) against benign, on the summed probability.
+        "malignant_auc": float(roc_auc_score(malignant, probs[:, MALIGNANT_INDICES].sum(axis=1)))
+        if 0 < malignant.sum() < len(labels) else float("nan"),
         "melanoma_sensitivity": float(recall[MELANOMA]) if support[MELANOMA] else float("nan"),
         "melanoma_specificity": float((preds[mel_negatives] != MELANOMA).mean()) if mel_negatives.any() else float("nan"),
         "expected_calibration_error": expected_calibration_error(labels, probs),
@@ -104,6 +110,8 @@ def format_report(metrics: dict) -> str:
         f"accuracy               {metrics['accuracy']:.4f}",
         f"balanced accuracy      {metrics['balanced_accuracy']:.4f}",
         f"macro ROC AUC (OvR)    {metrics['macro_auc']:.4f}",
+        f"melanoma ROC AUC       {metrics['melanoma_auc']:.4f}",
+        f"malignant ROC AUC      {metrics['malignant_auc']:.4f}",
         f"melanoma sensitivity   {metrics['melanoma_sensitivity']:.4f}",
         f"melanoma specificity   {metrics['melanoma_specificity']:.4f}",
         f"calibration error      {metrics['expected_calibration_error']:.4f}",

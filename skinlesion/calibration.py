@@ -1,0 +1,183 @@
+"""What an answer says besides its label: calibrated probabilities, whether the image looks like the
+lesions the model was trained on, and the malignancy alert.
+
+Everything here is fitted once per checkpoint (`python -m training.calibrate`, also run at the end of
+training) on the lesion-grouped training and validation splits, stored in the checkpoint, and applied by
+the Predictor to the forward pass it already makes: no second model on the request path.
+
+Out-of-domain score (chosen by `python -m training.calibrate`'s comparison, docs/training.md): two
+Mahalanobis distances to the nearest class mean of the training lesions, with one shared covariance
+(Ledoit-Wolf shrinkage), each as a z-score of its log against the validation lesions; the score is the
+larger one. "input": colour and sharpness statistics of the model input (what a blurred, flat or
+synthetic picture gives away); "features": the pooled 512-d features before the classifier (what a photo
+of something else gives away). Softmax confidence, max logit and energy all scored near chance (AUROC
+0.36-0.53): the network is as confident on a rocket as on a mole.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.optimize import minimize_scalar
+from sklearn.covariance import LedoitWolf
+
+from skinlesion.model import CLASS_CODES
+
+# Malignant or pre-malignant: melanoma, basal cell carcinoma, actinic keratoses / intraepithelial carcinoma.
+MALIGNANT_CODES = ("akiec", "bcc", "mel")
+MALIGNANT_INDICES = [CLASS_CODES.index(code) for code in MALIGNANT_CODES]
+# Share of new lesions that must pass the out-of-domain check, and the sensitivity the malignancy alert
+# must reach on validation lesions.
+IN_DOMAIN_PASS_RATE = 0.95
+# The threshold lets through this many standard errors more than IN_DOMAIN_PASS_RATE of the validation
+# lesions (one-sided 95%): with the plain 95% quantile, resnet34 flagged 6.3% of test lesions.
+PASS_RATE_MARGIN_SE = 1.645
+MALIGNANCY_SENSITIVITY = 0.90
+DOMAIN_SPACES = ("input", "features")
+LAPLACIAN = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])
+# Keeps log() finite on a flat image (zero Laplacian).
+SHARPNESS_FLOOR = 1e-3
+
+
+def input_statistics(inputs: torch.Tensor) -> torch.Tensor:
+    """N x 18 for normalized model inputs (N x 3 x H x W), per channel: the mean and standard deviation, the log
+    mean absolute Laplacian at full and half resolution (sharpness), and the mean of the central quarter of the
+    picture minus the mean of the rest and its standard deviation (HAM10000 photos are centred on the lesion)."""
+    inputs = inputs.float()
+    height, width = inputs.shape[-2:]
+    laplacian = LAPLACIAN.to(inputs.device).expand(3, 1, 3, 3)
+
+    def sharpness(x: torch.Tensor) -> torch.Tensor:
+        return (torch.nn.functional.conv2d(x, laplacian, groups=3).abs().mean((2, 3)) + SHARPNESS_FLOOR).log()
+
+    centre = torch.zeros(height, width, dtype=torch.bool, device=inputs.device)
+    centre[height // 4 : height - height // 4, width // 4 : width - width // 4] = True
+    centre_mean, rest_mean = inputs[..., centre].mean(-1), inputs[..., ~centre].mean(-1)
+    return torch.cat([inputs.mean((2, 3)), inputs.std((2, 3)), sharpness(inputs),
+                      sharpness(torch.nn.functional.avg_pool2d(inputs, 2)), centre_mean - rest_mean,
+                      inputs[..., centre].std(-1)], dim=1)
+
+
+@dataclass(frozen=True)
+class ClassGaussians:
+    """Class means with one shared precision matrix, and the log-distance scale of validation lesions."""
+
+    means: torch.Tensor  # K x D (classes present in training)
+    precision: torch.Tensor  # D x D
+    log_mean: float
+    log_std: float
+
+    def distances(self, x: torch.Tensor) -> torch.Tensor:
+        """Squared Mahalanobis distance of each row of `x` (N x D) to its nearest class mean."""
+        diff = x.float()[:, None, :] - self.means[None]
+        return torch.einsum("nkd,de,nke->nk", diff, self.precision, diff).min(dim=1).values
+
+    def zscores(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.distances(x).clamp_min(1e-12).log() - self.log_mean) / self.log_std
+
+
+def fit_class_gaussians(train_x: torch.Tensor, train_labels: torch.Tensor, val_x: torch.Tensor) -> ClassGaussians:
+    train_x = train_x.double()
+    present = [k for k in range(len(CLASS_CODES)) if (train_labels == k).any()]
+    means = torch.stack([train_x[train_labels == k].mean(0) for k in present])
+    centred = train_x - means[torch.searchsorted(torch.tensor(present), train_labels)]
+    precision = torch.from_numpy(LedoitWolf().fit(centred.numpy()).precision_)
+    partial = ClassGaussians(means.float(), precision.float(), 0.0, 1.0)
+    logs = partial.distances(val_x).clamp_min(1e-12).log()
+    return ClassGaussians(means.float(), precision.float(), float(logs.mean()), max(float(logs.std()), 1e-6))
+
+
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """The temperature T minimising the negative log-likelihood of softmax(logits / T)."""
+    logits, labels = logits.double(), labels.long()
+
+    def nll(log_t: float) -> float:
+        return float(torch.nn.functional.cross_entropy(logits / np.exp(log_t), labels))
+
+    return float(np.exp(minimize_scalar(nll, bounds=(-3.0, 3.0), method="bounded").x))
+
+
+def validation_pass_rate(n: int) -> float:
+    """The share of n validation lesions the threshold lets through, so that at least IN_DOMAIN_PASS_RATE of
+    new lesions pass with 95% confidence (0.961 for this project's 997 validation images)."""
+    p = IN_DOMAIN_PASS_RATE
+    return min(1.0, p + PASS_RATE_MARGIN_SE * float(np.sqrt(p * (1 - p) / max(n, 1))))
+
+
+def malignant_probability(probabilities: torch.Tensor) -> torch.Tensor:
+    return probabilities[..., MALIGNANT_INDICES].sum(-1)
+
+
+def is_malignant(labels: torch.Tensor) -> torch.Tensor:
+    return torch.isin(labels, torch.tensor(MALIGNANT_INDICES))
+
+
+def fit_malignancy_threshold(probabilities: torch.Tensor, labels: torch.Tensor) -> float:
+    """The highest threshold on P(malignant) whose sensitivity on these lesions is at least MALIGNANCY_SENSITIVITY."""
+    scores = malignant_probability(probabilities)[is_malignant(labels)].sort(descending=True).values
+    if len(scores) == 0:
+        return 0.5
+    needed = int(np.ceil(MALIGNANCY_SENSITIVITY * len(scores)))
+    return float(scores[needed - 1])
+
+
+@dataclass(frozen=True)
+class Calibration:
+    temperature: float
+    malignancy_threshold: float
+    domain: dict[str, ClassGaussians]
+    # An image whose domain score is above this is out of domain.
+    domain_threshold: float
+
+    def domain_score(self, statistics: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """Per image, the larger of the two z-scores; higher = less like the training lesions."""
+        return torch.maximum(self.domain["input"].zscores(statistics), self.domain["features"].zscores(features))
+
+    def to_state(self) -> dict[str, Any]:
+        """Plain tensors, floats and dicts: what torch.load(weights_only=True) reads back."""
+        return {
+            "temperature": self.temperature,
+            "malignancy_threshold": self.malignancy_threshold,
+            "domain_threshold": self.domain_threshold,
+            "domain": {name: vars(g) for name, g in self.domain.items()},
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> Calibration:
+        return cls(
+            temperature=float(state["temperature"]),
+            malignancy_threshold=float(state["malignancy_threshold"]),
+            domain_threshold=float(state["domain_threshold"]),
+            domain={name: ClassGaussians(**g) for name, g in state["domain"].items()},
+        )
+
+
+@dataclass(frozen=True)
+class FitData:
+    """One split's raw network outputs, as Predictor.outputs gives them, and its labels."""
+
+    logits: torch.Tensor
+    features: torch.Tensor
+    statistics: torch.Tensor
+    labels: torch.Tensor
+
+
+def fit_calibration(train: FitData, val: FitData) -> Calibration:
+    """Class Gaussians from the training lesions; temperature, the domain threshold and the malignancy
+    threshold from the validation lesions."""
+    domain = {
+        "input": fit_class_gaussians(train.statistics, train.labels, val.statistics),
+        "features": fit_class_gaussians(train.features, train.labels, val.features),
+    }
+    temperature = fit_temperature(val.logits, val.labels)
+    partial = Calibration(temperature, 0.0, domain, 0.0)
+    scores = partial.domain_score(val.statistics, val.features)
+    return Calibration(
+        temperature=temperature,
+        malignancy_threshold=fit_malignancy_threshold((val.logits / temperature).softmax(1), val.labels),
+        domain=domain,
+        domain_threshold=float(torch.quantile(scores, validation_pass_rate(len(scores)))),
+    )

@@ -1,0 +1,158 @@
+"""Calibration, the out-of-domain check, the malignancy alert and the model card: fitting, storage, the answer's
+fields (the /predict contract), and GET /model's request body shared with nginx."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from skinlesion.calibration import (
+    MALIGNANCY_SENSITIVITY,
+    MALIGNANT_CODES,
+    Calibration,
+    fit_malignancy_threshold,
+    fit_temperature,
+    is_malignant,
+    malignant_probability,
+    validation_pass_rate,
+)
+from skinlesion.image import decode_image
+from skinlesion.model import ARCHITECTURES, CLASS_CODES, CLASS_NAMES, DEFAULT_IMAGE_SIZE, build_model, save_checkpoint
+from skinlesion.predictor import Predictor
+from skinlesion.service import MODEL_CARD_REQUEST, respond
+from tests.conftest import ROOT
+from training.ood import SAMPLE_PHOTOS, out_of_domain_set
+
+
+def png_b64(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def noise_image(seed: int = 0) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (450, 600, 3), dtype=np.uint8))
+
+
+def test_fit_temperature_recovers_the_temperature_that_drew_the_labels() -> None:
+    generator = torch.Generator().manual_seed(0)
+    logits = 3 * torch.randn(20_000, 7, generator=generator)
+    labels = torch.multinomial((logits / 2.5).softmax(1), 1, generator=generator).squeeze(1)
+    assert fit_temperature(logits, labels) == pytest.approx(2.5, rel=0.05)
+
+
+def test_malignancy_threshold_reaches_its_sensitivity_on_the_fitting_lesions() -> None:
+    generator = torch.Generator().manual_seed(1)
+    probabilities = torch.rand(500, 7, generator=generator).softmax(1)
+    labels = torch.randint(0, 7, (500,), generator=generator)
+    threshold = fit_malignancy_threshold(probabilities, labels)
+    alert = malignant_probability(probabilities) >= threshold
+    malignant = is_malignant(labels)
+    assert float(alert[malignant].float().mean()) >= MALIGNANCY_SENSITIVITY
+    # The highest such threshold: one step higher and the sensitivity falls below the target.
+    assert float((malignant_probability(probabilities)[malignant] > threshold).float().mean()) < MALIGNANCY_SENSITIVITY
+    assert [CLASS_CODES[i] for i in range(7) if is_malignant(torch.tensor([i]))] == list(MALIGNANT_CODES)
+
+
+def test_the_domain_threshold_keeps_a_margin_above_the_target_pass_rate() -> None:
+    assert validation_pass_rate(997) == pytest.approx(0.9614, abs=1e-3)
+    assert validation_pass_rate(100_000) == pytest.approx(0.95, abs=2e-3)
+
+
+def test_calibration_is_stored_in_the_checkpoint_and_read_back(checkpoints: Path) -> None:
+    predictor = Predictor.from_checkpoint(checkpoints / "resnet18.pt")
+    calibration = predictor.calibration
+    assert isinstance(calibration, Calibration) and calibration.temperature > 0
+    again = Calibration.from_state(torch.load(checkpoints / "resnet18.pt", weights_only=True)["calibration"])
+    assert again.domain_threshold == calibration.domain_threshold
+    assert torch.equal(again.domain["features"].precision, calibration.domain["features"].precision)
+    assert predictor.card["test_images"] > 0 and 0 <= predictor.card["accuracy"] <= 1
+
+
+def test_probabilities_are_the_softmax_at_the_fitted_temperature(predictor, fullres_images) -> None:
+    inputs = torch.stack([predictor.preprocess(decode_image(p.read_bytes())) for p in fullres_images[:3]])
+    outputs = predictor.outputs(inputs)
+    assert predictor.temperature != 1.0
+    assert torch.allclose(predictor.probabilities(inputs), (outputs.logits / predictor.temperature).softmax(1), atol=1e-6)
+
+
+def test_every_answer_carries_the_trust_fields(predictor, fullres_images) -> None:
+    body = {"image": base64.b64encode(fullres_images[0].read_bytes()).decode()}
+    [(status, answer)] = respond(predictor, [body])
+    assert status == 200 and answer["success"] is True
+    assert answer["malignant_probability"] == pytest.approx(
+        sum(answer["probabilities"][CLASS_NAMES[CLASS_CODES.index(code)]] for code in MALIGNANT_CODES))
+    assert answer["malignancy_alert"] is (answer["malignant_probability"] >= predictor.calibration.malignancy_threshold)
+    assert isinstance(answer["in_domain"], bool) and isinstance(answer["domain_score"], float)
+    assert answer["in_domain"] is (answer["domain_score"] <= predictor.calibration.domain_threshold)
+    assert isinstance(answer["warnings"], list)
+    assert all(set(w) == {"code", "message"} for w in answer["warnings"])
+    json.dumps(answer)
+
+
+@pytest.mark.parametrize("image", [noise_image(), Image.new("RGB", (600, 450), (128, 128, 128))], ids=["noise", "grey"])
+def test_a_generated_image_is_answered_out_of_domain_with_its_prediction(predictor, image: Image.Image) -> None:
+    [(status, answer)] = respond(predictor, [{"image": png_b64(image)}])
+    assert status == 200 and answer["success"] is True and answer["prediction"] in CLASS_NAMES
+    assert answer["in_domain"] is False
+    assert answer["domain_score"] > predictor.calibration.domain_threshold
+    [warning] = answer["warnings"]
+    assert warning["code"] == "out_of_domain" and "does not look like" in warning["message"]
+
+
+def test_an_uncalibrated_checkpoint_answers_plain_softmax_and_says_so(tmp_path: Path, fullres_images) -> None:
+    torch.manual_seed(0)
+    save_checkpoint(build_model("resnet18"), "resnet18", DEFAULT_IMAGE_SIZE, tmp_path / "plain.pt")
+    predictor = Predictor.from_checkpoint(tmp_path / "plain.pt")
+    assert predictor.calibration is None and predictor.temperature == 1.0
+    [(status, answer)] = respond(predictor, [{"image": base64.b64encode(fullres_images[0].read_bytes()).decode()}])
+    assert status == 200
+    assert answer["in_domain"] is None and answer["malignancy_alert"] is None and answer["domain_score"] is None
+    assert [w["code"] for w in answer["warnings"]] == ["uncalibrated"]
+    card = predictor.model_card()
+    assert card["calibrated"] is False and card["thresholds"] == {"out_of_domain": None, "malignancy": None}
+
+
+def test_the_model_card_request_is_answered_with_the_card(predictor) -> None:
+    for body in (MODEL_CARD_REQUEST, json.dumps(MODEL_CARD_REQUEST).encode()):
+        [(status, card)] = respond(predictor, [body])
+        assert status == 200 and card["success"] is True
+        assert card["architecture"] == card["version"] == "resnet18"
+        assert [c["name"] for c in card["classes"]] == list(CLASS_NAMES)
+        assert card["input_size"] == {"height": DEFAULT_IMAGE_SIZE[0], "width": DEFAULT_IMAGE_SIZE[1]}
+        assert card["temperature"] == predictor.temperature
+        assert card["thresholds"]["out_of_domain"] == predictor.calibration.domain_threshold
+        assert card["test_metrics"] == predictor.card
+    # Any other body is a prediction request as before.
+    [(status, answer)] = respond(predictor, [{"model_card": False}])
+    assert status == 400 and "'image' is required" in answer["error"]
+
+
+def test_nginx_asks_for_the_card_with_the_body_the_handler_knows() -> None:
+    conf = (ROOT / "proxy" / "nginx.conf").read_text()
+    [body] = re.findall(r"proxy_set_body '([^']*)';", conf)
+    assert json.loads(body) == MODEL_CARD_REQUEST
+
+
+def test_the_out_of_domain_set_has_every_kind_and_each_seed_draws_anew(fullres_images) -> None:
+    lesions = [decode_image(p.read_bytes()) for p in fullres_images[:4]]
+    first, second = out_of_domain_set(lesions, 0), out_of_domain_set(lesions, 1)
+    kinds = {kind for kind, _ in first}
+    assert kinds == {"photo", "noise", "solid colour", "gradient", "checkerboard", "text", "cropped lesion", "blurred lesion"}
+    assert sum(kind == "photo" for kind, _ in first) == 4 * len(SAMPLE_PHOTOS)
+    assert all(image.mode == "RGB" for _, image in first)
+    differing = [a for (_, a), (_, b) in zip(first, second, strict=True) if a.tobytes() != b.tobytes()]
+    assert len(differing) > len(first) // 2
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_test_checkpoints_of_every_architecture_are_calibrated(checkpoints: Path, arch: str) -> None:
+    assert Predictor.from_checkpoint(checkpoints / f"{arch}.pt").calibration is not None

@@ -1,0 +1,231 @@
+"""Fit a checkpoint's calibration (temperature, out-of-domain check, malignancy alert), store it in the
+checkpoint, and report it on the test split. Rerun whenever the weights change (training runs it too).
+
+    python -m training.calibrate ROOT --type resnet34 [--weights model_store/resnet34.pt] [--json model_store/resnet34.json]
+
+Fitted on the training split (class Gaussians) and the validation split (temperature, thresholds); the
+out-of-domain score is chosen on validation lesions against one draw of the out-of-domain set
+(training/ood.py, seed 0, damaged validation lesions) and reported on test lesions against another
+(seed 1, damaged test lesions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from sklearn.metrics import roc_auc_score
+
+from skinlesion.calibration import (
+    Calibration,
+    FitData,
+    fit_calibration,
+    fit_class_gaussians,
+    is_malignant,
+    malignant_probability,
+    validation_pass_rate,
+)
+from skinlesion.image import decode_image
+from skinlesion.model import ARCHITECTURES, add_to_checkpoint
+from skinlesion.predictor import Outputs, Predictor
+from training.data import Sample, split_dataset
+from training.evaluate import compute_metrics, to_json
+from training.ood import out_of_domain_set
+
+# Lesions damaged for each out-of-domain draw (half cropped away, half blurred).
+DAMAGED_LESIONS = 60
+SELECTION_SEED, REPORT_SEED = 0, 1
+
+
+def decode_samples(samples: list[Sample]) -> list[Image.Image]:
+    return [decode_image(s.path.read_bytes()) for s in samples]
+
+
+def image_outputs(predictor: Predictor, images: list[Image.Image], batch_size: int = 64) -> Outputs:
+    """Raw network outputs for RGB images, preprocessed exactly as served."""
+    parts = [predictor.outputs(torch.stack([predictor.preprocess(im) for im in images[i : i + batch_size]]))
+             for i in range(0, len(images), batch_size)]
+    return Outputs(*(torch.cat([getattr(p, field) for p in parts]) for field in ("logits", "features", "statistics")))
+
+
+def fit_data(outputs: Outputs, samples: list[Sample]) -> FitData:
+    return FitData(outputs.logits, outputs.features, outputs.statistics, torch.tensor([s.label for s in samples]))
+
+
+def auroc(in_domain: torch.Tensor, out_of_domain: torch.Tensor) -> float:
+    """How well higher scores pick out the out-of-domain images (1.0 = perfectly)."""
+    truth = np.r_[np.zeros(len(in_domain)), np.ones(len(out_of_domain))]
+    return float(roc_auc_score(truth, np.r_[in_domain.numpy(), out_of_domain.numpy()]))
+
+
+def score_candidates(train: FitData, val: FitData, ood: Outputs) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Each candidate out-of-domain score on validation lesions and on the out-of-domain images."""
+
+    def from_logits(score):
+        return score(val.logits), score(ood.logits)
+
+    gaussians = {name: fit_class_gaussians(getattr(train, name), train.labels, getattr(val, name))
+                 for name in ("statistics", "features")}
+    candidates = {
+        "softmax confidence": from_logits(lambda x: -x.softmax(1).max(1).values),
+        "max logit": from_logits(lambda x: -x.max(1).values),
+        "energy": from_logits(lambda x: -x.logsumexp(1)),
+        "Mahalanobis, input statistics": (gaussians["statistics"].zscores(val.statistics),
+                                          gaussians["statistics"].zscores(ood.statistics)),
+        "Mahalanobis, pooled features": (gaussians["features"].zscores(val.features),
+                                         gaussians["features"].zscores(ood.features)),
+    }
+    both = [candidates["Mahalanobis, input statistics"], candidates["Mahalanobis, pooled features"]]
+    candidates["larger of the two Mahalanobis (shipped)"] = (torch.maximum(both[0][0], both[1][0]),
+                                                             torch.maximum(both[0][1], both[1][1]))
+    return candidates
+
+
+def threshold_for(validation_scores: torch.Tensor) -> float:
+    return float(torch.quantile(validation_scores, validation_pass_rate(len(validation_scores))))
+
+
+def flagged_share(scores: torch.Tensor, threshold: float) -> float:
+    return float((scores > threshold).float().mean())
+
+
+def nll(probabilities: torch.Tensor, labels: torch.Tensor) -> float:
+    return float(torch.nn.functional.nll_loss(probabilities.clamp_min(1e-12).log(), labels))
+
+
+def calibrate_checkpoint(weights: Path, train: list[Sample], val: list[Sample], test: list[Sample]) -> dict:
+    """Fit the calibration of `weights`, store it (and the card's metrics) in the checkpoint; returns the report:
+    {"calibration": what was fitted and how it does, "test": compute_metrics with calibrated probabilities}."""
+    predictor = Predictor.from_checkpoint(weights)
+    predictor.calibration = None  # raw outputs, whatever an earlier fit stored
+    val_images, test_images = decode_samples(val), decode_samples(test)
+    splits = {"train": fit_data(image_outputs(predictor, decode_samples(train)), train),
+              "val": fit_data(image_outputs(predictor, val_images), val),
+              "test": fit_data(image_outputs(predictor, test_images), test)}
+    calibration = fit_calibration(splits["train"], splits["val"])
+
+    rng = np.random.default_rng(SELECTION_SEED)
+    chosen = [val_images[i] for i in rng.choice(len(val_images), min(DAMAGED_LESIONS, len(val_images)), replace=False)]
+    selection_set = out_of_domain_set(chosen, SELECTION_SEED)
+    candidates = score_candidates(splits["train"], splits["val"], image_outputs(predictor, [im for _, im in selection_set]))
+    comparison = {name: {"auroc": auroc(v, o), "flagged": flagged_share(o, threshold_for(v))}
+                  for name, (v, o) in candidates.items()}
+
+    rng = np.random.default_rng(REPORT_SEED)
+    chosen = [test_images[i] for i in rng.choice(len(test_images), min(DAMAGED_LESIONS, len(test_images)), replace=False)]
+    report_set = out_of_domain_set(chosen, REPORT_SEED)
+    ood = image_outputs(predictor, [im for _, im in report_set])
+    kinds = np.array([kind for kind, _ in report_set])
+    test_scores = calibration.domain_score(splits["test"].statistics, splits["test"].features)
+    ood_scores = calibration.domain_score(ood.statistics, ood.features)
+    val_scores = calibration.domain_score(splits["val"].statistics, splits["val"].features)
+
+    test_data = splits["test"]
+    before = test_data.logits.softmax(1)
+    after = (test_data.logits / calibration.temperature).softmax(1)
+    metrics_before = compute_metrics(test_data.labels.numpy(), before.numpy())
+    metrics = compute_metrics(test_data.labels.numpy(), after.numpy())
+    val_probabilities = (splits["val"].logits / calibration.temperature).softmax(1)
+    report = {
+        "temperature": calibration.temperature,
+        "test_before": {"nll": nll(before, test_data.labels), "ece": metrics_before["expected_calibration_error"]},
+        "test_after": {"nll": nll(after, test_data.labels), "ece": metrics["expected_calibration_error"]},
+        "malignancy": {
+            "threshold": calibration.malignancy_threshold,
+            "validation_sensitivity": alert_rates(val_probabilities, splits["val"].labels, calibration)[0],
+            **dict(zip(("test_sensitivity", "test_specificity"), alert_rates(after, test_data.labels, calibration),
+                       strict=True)),
+            "test_auc": metrics["malignant_auc"],
+        },
+        "out_of_domain": {
+            "threshold": calibration.domain_threshold,
+            "validation_lesions_flagged": flagged_share(val_scores, calibration.domain_threshold),
+            "test_lesions_flagged": flagged_share(test_scores, calibration.domain_threshold),
+            "report_set": {
+                "images": len(report_set),
+                "auroc": auroc(test_scores, ood_scores),
+                "flagged": flagged_share(ood_scores, calibration.domain_threshold),
+                "flagged_by_kind": {kind: flagged_share(ood_scores[torch.from_numpy(kinds == kind)], calibration.domain_threshold)
+                                    for kind in sorted(set(kinds))},
+            },
+            "selection_set": {"images": len(selection_set), "candidates": comparison},
+        },
+    }
+    card = {
+        "test_images": metrics["n_images"],
+        **{key: metrics[key] for key in ("accuracy", "balanced_accuracy", "macro_auc", "melanoma_auc",
+                                         "melanoma_sensitivity", "melanoma_specificity", "expected_calibration_error")},
+        "malignancy_sensitivity": report["malignancy"]["test_sensitivity"],
+        "malignancy_specificity": report["malignancy"]["test_specificity"],
+        "out_of_domain_auroc": report["out_of_domain"]["report_set"]["auroc"],
+        "test_lesions_flagged_out_of_domain": report["out_of_domain"]["test_lesions_flagged"],
+    }
+    add_to_checkpoint(weights, calibration=calibration.to_state(), card=json.loads(to_json(card)))
+    return {"calibration": report, "test": metrics}
+
+
+def alert_rates(probabilities: torch.Tensor, labels: torch.Tensor, calibration: Calibration) -> tuple[float, float]:
+    """(sensitivity, specificity) of the malignancy alert."""
+    alert = malignant_probability(probabilities) >= calibration.malignancy_threshold
+    malignant = is_malignant(labels)
+    sensitivity = float(alert[malignant].float().mean()) if malignant.any() else float("nan")
+    specificity = float((~alert[~malignant]).float().mean()) if (~malignant).any() else float("nan")
+    return sensitivity, specificity
+
+
+def format_calibration(report: dict) -> str:
+    ood = report["out_of_domain"]
+    lines = [
+        f"temperature            {report['temperature']:.3f}",
+        f"test NLL               {report['test_before']['nll']:.4f} -> {report['test_after']['nll']:.4f}",
+        f"test ECE (15 bins)     {report['test_before']['ece']:.4f} -> {report['test_after']['ece']:.4f}",
+        f"malignancy threshold   {report['malignancy']['threshold']:.4f} (validation sensitivity "
+        f"{report['malignancy']['validation_sensitivity']:.3f})",
+        f"malignancy, test       sensitivity {report['malignancy']['test_sensitivity']:.3f}, specificity "
+        f"{report['malignancy']['test_specificity']:.3f}, AUC {report['malignancy']['test_auc']:.4f}",
+        f"out-of-domain threshold {ood['threshold']:.3f}: validation lesions flagged {ood['validation_lesions_flagged']:.3f}, "
+        f"test lesions flagged {ood['test_lesions_flagged']:.3f}",
+        f"out-of-domain set ({ood['report_set']['images']} images, seed {REPORT_SEED}): AUROC {ood['report_set']['auroc']:.4f}, "
+        f"flagged {ood['report_set']['flagged']:.3f}",
+        *(f"  {kind:<22} flagged {share:.3f}" for kind, share in ood["report_set"]["flagged_by_kind"].items()),
+        f"candidate scores (validation lesions vs the seed-{SELECTION_SEED} set, {ood['selection_set']['images']} images):",
+        *(f"  {name:<42} AUROC {m['auroc']:.4f}  flagged {m['flagged']:.3f}"
+          for name, m in ood["selection_set"]["candidates"].items()),
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training.calibrate", description=__doc__.split("\n")[0])
+    parser.add_argument("root", type=Path, help="the HAM10000 folder training used")
+    parser.add_argument("--type", choices=sorted(ARCHITECTURES), default="resnet34")
+    parser.add_argument("--weights", type=Path, default=None, help="checkpoint to calibrate (default model_store/<type>.pt)")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="training report to update with the calibration and calibrated test metrics "
+                        "(default: <weights>.json when it exists)")
+    parser.add_argument("--seed", type=int, default=0, help="the training run's split seed")
+    args = parser.parse_args(argv)
+    weights = args.weights or Path("model_store") / f"{args.type}.pt"
+    report_path = args.json or weights.with_suffix(".json")
+    try:
+        train, val, test = split_dataset(args.root, args.seed)
+        result = calibrate_checkpoint(weights, train, val, test)
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(format_calibration(result["calibration"]))
+    if args.json or report_path.exists():
+        report = json.loads(report_path.read_text()) if report_path.exists() else {}
+        report.update(result)
+        report_path.write_text(to_json(report))
+        print(f"wrote {report_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
