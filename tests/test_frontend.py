@@ -135,7 +135,7 @@ def test_a_non_lesion_image_shows_the_warning_instead_of_the_label(page: Page, a
     expect(page.get_by_text("Not a usable lesion photo")).to_be_visible(timeout=PAGE_MS)
     expect(page.get_by_text(re.compile("does not look like the dermatoscopic lesion photos"))).to_be_visible()
     expect(page.get_by_text(RESULT)).to_have_count(0)  # no headline label, and no alert about a non-lesion
-    expect(page.get_by_text("Malignancy alert")).to_have_count(0)
+    expect(page.get_by_text("Malignancy alert", exact=True)).to_have_count(0)
     expect(page.locator('[data-testid="stException"]')).to_have_count(0)
 
 

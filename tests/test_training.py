@@ -264,7 +264,8 @@ def test_training_writes_report_and_figures_beside_the_weights(trained: Trained)
     assert saved["images"]["test"] == n_test
     assert sum(saved["images"].values()) == sum(IMAGES_PER_LESION) * len(CLASS_CODES) == 63
     assert [row["epoch"] for row in saved["history"]] == [1, 2]
-    assert set(saved["history"][0]) == {"epoch", "loss", "accuracy", "val_loss", "val_accuracy", "val_balanced_accuracy"}
+    assert set(saved["history"][0]) == {"epoch", "loss", "accuracy", "val_loss", "val_accuracy", "val_balanced_accuracy",
+                                        "val_macro_auc", "val_melanoma_auc"}
     assert saved["best_epoch"] == max(saved["history"], key=lambda r: r["val_balanced_accuracy"])
     test = saved["test"]
     assert test["n_images"] == n_test and np.array(test["confusion_matrix"]).sum() == n_test
@@ -337,6 +338,19 @@ def test_resume_continues_after_an_interruption(trained: Trained, tmp_path: Path
     output = capsys.readouterr().out
     assert "resumed after epoch 2" in output and "epoch   2/2" not in output
     assert again["history"] == report["history"]
+
+
+def test_recipe_levers_train_and_the_moving_average_is_what_is_saved(tmp_path: Path) -> None:
+    write_dataset(tmp_path / "ham", "download")
+    report = train(fast_args(tmp_path / "ham", tmp_path, "--rotation", "180", "--loss", "logit-adjusted", "--ema", "0.9",
+                             "--mixup", "0.4"))
+    assert report["arguments"]["loss"] == "logit-adjusted" and report["arguments"]["ema"] == 0.9
+    last = torch.load(tmp_path / "runs" / "resnet18" / "last.pt", weights_only=False)
+    saved = torch.load(tmp_path / "out" / "resnet18.pt", weights_only=True)["state_dict"]
+    averaged = {k.removeprefix("module."): v for k, v in last["ema"].items() if k.startswith("module.")}
+    assert set(averaged) == set(saved)
+    assert all(torch.allclose(saved[k].float(), averaged[k].float(), atol=1e-2) for k in saved if saved[k].is_floating_point())
+    assert not torch.allclose(saved["fc.weight"].float(), last["model"]["fc.weight"].float(), atol=1e-3)
 
 
 def test_resume_with_a_different_schedule_is_a_clear_error(trained: Trained, tmp_path: Path) -> None:

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.metrics import balanced_accuracy_score
 from torch import nn
 from torchvision.transforms import v2
 from tqdm import tqdm
@@ -22,7 +21,7 @@ from skinlesion.image import decode_image, normalize, resize
 from skinlesion.model import ARCHITECTURES, CLASS_CODES, DEFAULT_IMAGE_SIZE, build_model, load_checkpoint, save_checkpoint
 from training.calibrate import calibrate_checkpoint, format_calibration
 from training.data import Sample, split_dataset
-from training.evaluate import format_report, to_json
+from training.evaluate import compute_metrics, format_report, to_json
 from training.plots import plot_confusion, plot_curves
 
 
@@ -44,6 +43,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue from the last epoch checkpoint")
     p.add_argument("--workers", type=int, default=0, help="data-loading processes")
     p.add_argument("--checkpoint-dir", type=Path, default=Path("runs"), help="per-epoch checkpoints (for --resume)")
+    # Recipe levers (docs/training.md has the ablation); the defaults are the shipped weights' recipe.
+    p.add_argument("--rotation", type=float, default=30.0, help="largest random rotation in degrees (180: any orientation)")
+    p.add_argument("--loss", choices=("weighted", "logit-adjusted"), default="weighted",
+                   help="weighted: cross-entropy with 1/sqrt(frequency) class weights; logit-adjusted: unweighted "
+                   "cross-entropy on logits + log(class prior) (Menon et al. 2021)")
+    p.add_argument("--label-smoothing", type=float, default=0.05)
+    p.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
+                   help="validate and save an exponential moving average of the weights (e.g. 0.999); 0: off")
+    p.add_argument("--mixup", type=float, default=0.0, metavar="ALPHA", help="mixup of training batches; 0: off")
     args = p.parse_args(argv)
     args.modelname = args.modelname or Path("model_store") / f"{args.type}.pt"
     args.image_size = tuple(args.image_size)
@@ -53,14 +61,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 class AugmentedImages(torch.utils.data.Dataset):
-    """Decoded training images with dermoscopy augmentation: any orientation, crops, colour jitter."""
+    """Decoded training images with dermoscopy augmentation: rotations, crops, flips, colour jitter."""
 
-    def __init__(self, images: list[torch.Tensor], labels: list[int], image_size: tuple[int, int]) -> None:
+    def __init__(self, images: list[torch.Tensor], labels: list[int], image_size: tuple[int, int],
+                 rotation: float = 30.0) -> None:
         self.images, self.labels = images, labels
         height, width = image_size
         self.transform = v2.Compose(
             [
-                v2.RandomRotation(30),
+                v2.RandomRotation(rotation),
                 v2.RandomResizedCrop(image_size, scale=(0.4, 1.0), ratio=(0.8 * width / height, 1.25 * width / height)),
                 v2.RandomHorizontalFlip(),
                 v2.RandomVerticalFlip(),
@@ -95,11 +104,13 @@ def validate(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, devic
     model.eval()
     with torch.inference_mode():
         logits = torch.cat([model(normalize(chunk).to(device)).float().cpu() for chunk in inputs.split(128)])
-    preds = logits.argmax(1)
+    metrics = compute_metrics(labels.numpy(), logits.softmax(1).numpy())
     return {
         "val_loss": float(nn.functional.cross_entropy(logits, labels)),
-        "val_accuracy": float((preds == labels).float().mean()),
-        "val_balanced_accuracy": float(balanced_accuracy_score(labels.numpy(), preds.numpy())),
+        "val_accuracy": metrics["accuracy"],
+        "val_balanced_accuracy": metrics["balanced_accuracy"],
+        "val_macro_auc": metrics["macro_auc"],
+        "val_melanoma_auc": metrics["melanoma_auc"],
     }
 
 
@@ -128,7 +139,7 @@ def train(args: argparse.Namespace) -> dict:
 
     train_labels = [s.label for s in train_set]
     loader = torch.utils.data.DataLoader(
-        AugmentedImages(load_images(train_set, None, "training images"), train_labels, args.image_size),
+        AugmentedImages(load_images(train_set, None, "training images"), train_labels, args.image_size, args.rotation),
         batch_size=args.batch_size,
         shuffle=True,
         drop_last=True,
@@ -140,7 +151,18 @@ def train(args: argparse.Namespace) -> dict:
 
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr, total_steps=args.epochs * len(loader), pct_start=0.15)
-    criterion = nn.CrossEntropyLoss(weight=class_weights(train_labels).to(args.device), label_smoothing=0.05)
+    if args.loss == "weighted":
+        criterion = nn.CrossEntropyLoss(weight=class_weights(train_labels).to(args.device), label_smoothing=args.label_smoothing)
+        logit_offset = torch.zeros(len(CLASS_CODES), device=args.device)
+    else:
+        criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
+        counts = np.bincount(train_labels, minlength=len(CLASS_CODES)).astype(np.float64)
+        logit_offset = torch.tensor(np.log(np.maximum(counts, 1) / counts.sum()), dtype=torch.float32, device=args.device)
+    mixup = v2.MixUp(alpha=args.mixup, num_classes=len(CLASS_CODES)) if args.mixup > 0 else None
+    # The weights that are validated and saved: the trained ones, or their moving average.
+    ema = (torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(args.ema),
+                                               use_buffers=True) if args.ema > 0 else None)
+    evaluated = ema.module if ema is not None else model
 
     run_dir = args.checkpoint_dir / args.modelname.stem
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -156,6 +178,8 @@ def train(args: argparse.Namespace) -> dict:
                 "--epochs, --batch-size and data, or start over without --resume"
             )
         model.load_state_dict(saved["model"])
+        if ema is not None:
+            ema.load_state_dict(saved["ema"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         torch.set_rng_state(saved["rng"])
@@ -171,29 +195,34 @@ def train(args: argparse.Namespace) -> dict:
         for inputs, labels in bar:
             inputs = inputs.to(args.device, memory_format=torch.channels_last)
             labels = labels.to(args.device)
+            targets = labels
+            if mixup is not None:
+                inputs, targets = mixup(inputs, labels)
             with torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.amp):
                 logits = model(inputs)
-            loss = criterion(logits.float(), labels)
+            loss = criterion(logits.float() + logit_offset, targets)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()
+            if ema is not None:
+                ema.update_parameters(model)
             seen += len(labels)
             total_loss += loss.item() * len(labels)
             correct += int((logits.argmax(1) == labels).sum())
             bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}")
         row = {"epoch": epoch, "loss": total_loss / seen, "accuracy": correct / seen}
-        row.update(validate(model, val_inputs, val_labels, args.device))
+        row.update(validate(evaluated, val_inputs, val_labels, args.device))
         state["seconds"] += time.time() - start
         state["history"].append(row)
         improved = row["val_balanced_accuracy"] > state["best"]
         if improved:
             state["best"] = row["val_balanced_accuracy"]
-            save_checkpoint(model, args.type, args.image_size, args.modelname)
+            save_checkpoint(evaluated, args.type, args.image_size, args.modelname)
         state["epoch"] = epoch
         torch.save(
             {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "rng": torch.get_rng_state(), "state": state},
+             "rng": torch.get_rng_state(), "state": state, "ema": ema.state_dict() if ema is not None else None},
             run_dir / "last.pt",
         )
         print(
