@@ -192,7 +192,7 @@ def jet(values: np.ndarray) -> np.ndarray:
 
 
 def render_overlay(image: Image.Image, explanation: Explanation) -> np.ndarray:
-    """The explanation drawn on the original photo, at its original size (H x W x 3 uint8)."""
+    """The explanation drawn on `image`, at its size (H x W x 3 uint8)."""
     photo = np.asarray(image.convert("RGB"))
     if explanation.method == "lime":
         # Nearest neighbour keeps the mask binary, so the outline follows the superpixels' edges.
@@ -215,9 +215,12 @@ def shrink(pixels: np.ndarray, max_side: int) -> Image.Image:
 def payload_from(image: Image.Image, explanation: Explanation) -> dict:
     """The JSON-ready response additions for a finished explanation of `image` (plain Python types only)."""
     started = time.perf_counter()
-    overlay = render_overlay(image, explanation)
+    # Drawn on a copy no larger than the PNG it returns: drawing happens in float64, 24 bytes a pixel.
+    photo = image.convert("RGB")
+    photo.thumbnail((PNG_MAX_SIDE, PNG_MAX_SIDE), Image.Resampling.LANCZOS)
+    overlay = render_overlay(photo, explanation)
     png = io.BytesIO()
-    shrink(overlay, PNG_MAX_SIDE).save(png, format="PNG", compress_level=PNG_COMPRESSION)
+    Image.fromarray(overlay).save(png, format="PNG", compress_level=PNG_COMPRESSION)
     explain = np.asarray(shrink(overlay, EXPLAIN_MAX_SIDE)).tolist()
     return {
         "explain": explain,

@@ -24,6 +24,10 @@ from skinlesion.predictor import Predictor
 log = logging.getLogger(__name__)
 
 PRECISIONS = tuple(PRECISION_SETTINGS)
+# KServe v1 "instances" per request, and how many of them may ask for an explanation: a list of tiny images
+# would otherwise become gigabytes of model input, or hold a worker for many explanations in a row.
+MAX_INSTANCES = 16
+MAX_EXPLANATIONS_PER_REQUEST = 1
 # The body nginx sends for GET /model (proxy/nginx.conf): answered with the model card, not a prediction.
 MODEL_CARD_REQUEST = {"model_card": True}
 DATA_URL_PREFIX = re.compile(r"data:image/[A-Za-z0-9.+-]+;base64,")
@@ -119,6 +123,13 @@ def respond_instances(predictor: Predictor, instances: Any) -> tuple[int, list[d
     """
     if not isinstance(instances, list) or not instances:
         return 400, [failure('send {"instances": [{"image": "<base64>"}, ...]}: a non-empty list of /predict bodies')]
+    if len(instances) > MAX_INSTANCES:
+        return 400, [failure(f"{len(instances)} instances in one request; at most {MAX_INSTANCES} are accepted: "
+                             "split them over several requests")]
+    explaining = sum(isinstance(i, dict) and i.get("explain") is True for i in instances)
+    if explaining > MAX_EXPLANATIONS_PER_REQUEST:
+        return 400, [failure(f"{explaining} instances ask for an explanation; at most {MAX_EXPLANATIONS_PER_REQUEST} "
+                             "per request: send the others in their own requests")]
     answers = respond(predictor, instances)
     statuses = [status for status, _ in answers]
     return 200 if 200 in statuses else max(statuses), [payload for _, payload in answers]

@@ -25,9 +25,17 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from PIL import Image, PngImagePlugin
+from PIL import Image, PngImagePlugin, TiffImagePlugin
 
-from skinlesion.image import MAX_IMAGE_PIXELS, MIN_IMAGE_SIDE, ImageError, decode_image
+from bench.budget import many_page_tiff
+from skinlesion.image import (
+    DECODED_MIN_SIDE,
+    MAX_FULL_DECODE_PIXELS,
+    MAX_IMAGE_PIXELS,
+    MIN_IMAGE_SIDE,
+    ImageError,
+    decode_image,
+)
 from skinlesion.model import CLASS_NAMES
 from skinlesion.service import respond
 from tests.conftest import ROOT
@@ -314,21 +322,38 @@ def tiff_with_broken_second_page(tag: int, *, rename_to: int | None = None, valu
                                   tiff_with_broken_second_page(259, value=33002)],  # unknown Compression: KeyError
                          ids=["page-without-width", "page-with-unknown-compression"])
 def test_a_tiff_with_a_broken_later_page_is_a_400_not_a_crash(predictor, data: bytes) -> None:
-    with pytest.raises(ImageError, match="corrupt"):
+    # Refused as multi-page from the first page's header: the broken page is never read.
+    with pytest.raises(ImageError, match="multi-page"):
         decode_image(data)
     assert_refused(*answer(predictor, {"image": base64.b64encode(data).decode()}))
 
 
-@pytest.mark.parametrize(("size", "accepted"), [((10_000, 5_000), True), ((2_217, 22_553), False)],
-                         ids=["exactly-50MP", "50MP-plus-one"])
-def test_the_pixel_limit_is_exact(size: tuple[int, int], accepted: bool) -> None:
-    assert size[0] * size[1] == MAX_IMAGE_PIXELS + (0 if accepted else 1)
-    data = encode(Image.new("1", size), "PNG")  # a few kB
+@pytest.mark.parametrize(("fmt", "size", "accepted"), [
+    ("JPEG", (10_000, 5_000), True), ("JPEG", (2_217, 22_553), False),
+    ("PNG", (4_000, 2_000), True), ("PNG", (8_000_001, 1), False),
+], ids=["jpeg-exactly-50MP", "jpeg-50MP-plus-one", "png-exactly-8MP", "png-8MP-plus-one"])
+def test_the_pixel_limits_are_exact(fmt: str, size: tuple[int, int], accepted: bool) -> None:
+    limit = MAX_IMAGE_PIXELS if fmt == "JPEG" else MAX_FULL_DECODE_PIXELS
+    assert size[0] * size[1] == limit + (0 if accepted else 1)
+    data = encode(Image.new("L", size), fmt)
     if accepted:
-        assert decode_image(data).size == size
+        decoded = decode_image(data)
+        # Bounded work: a large image is decoded or reduced to a longer side from 1024 to 2047 pixels.
+        assert DECODED_MIN_SIDE <= max(decoded.size) < 2 * DECODED_MIN_SIDE
+        assert decoded.width / decoded.height == pytest.approx(size[0] / size[1], rel=0.01)
     else:
-        with pytest.raises(ImageError, match="at most 50,000,000 pixels"):
+        with pytest.raises(ImageError, match=f"at most {limit:,} pixels"):
             decode_image(data)
+
+
+def test_a_many_page_tiff_is_refused_without_walking_its_pages(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Walking the pages (n_frames) is quadratic in Pillow: minutes for the 130,000 pages that fit in 15 MB.
+    seeks = []
+    original = TiffImagePlugin.TiffImageFile._seek
+    monkeypatch.setattr(TiffImagePlugin.TiffImageFile, "_seek", lambda self, frame: seeks.append(frame) or original(self, frame))
+    with pytest.raises(ImageError, match="multi-page"):
+        decode_image(many_page_tiff(10_000))
+    assert seeks == [0]
 
 
 def test_a_bad_body_in_a_batch_leaves_the_good_ones_alone(predictor) -> None:

@@ -20,6 +20,7 @@ import yaml
 
 import serve
 from skinlesion.model import ARCHITECTURES, CLASS_NAMES
+from skinlesion.service import MAX_EXPLANATIONS_PER_REQUEST, MAX_INSTANCES
 from tests.conftest import ROOT, properties
 
 KSERVE = ROOT / "deploy" / "kserve"
@@ -116,3 +117,23 @@ def test_a_body_without_instances_gets_400_saying_what_to_send(kserve_torchserve
     [answer] = response.json()["predictions"]
     assert answer["success"] is False and '"instances"' in answer["error"]
 
+
+
+@pytest.mark.parametrize(("count", "explaining", "message"), [
+    (MAX_INSTANCES + 1, 0, f"at most {MAX_INSTANCES} are accepted"),
+    (2, 2, f"at most {MAX_EXPLANATIONS_PER_REQUEST} per request"),
+])
+def test_instances_over_the_caps_get_400_saying_the_limit(kserve_torchserve: KServeTorchServe, image_b64: str,
+                                                          count: int, explaining: int, message: str) -> None:
+    instances = [{"image": image_b64, "explain": i < explaining, "method": "gradcam"} for i in range(count)]
+    response = requests.post(kserve_torchserve.predict_url, json={"instances": instances}, timeout=60)
+    assert response.status_code == 400
+    [answer] = response.json()["predictions"]
+    assert answer["success"] is False and message in answer["error"]
+
+
+def test_instances_at_the_cap_are_all_answered(kserve_torchserve: KServeTorchServe, image_b64: str) -> None:
+    instances = [{"image": image_b64}] * MAX_INSTANCES
+    response = requests.post(kserve_torchserve.predict_url, json={"instances": instances}, timeout=120)
+    assert response.status_code == 200
+    assert [p["success"] for p in response.json()["predictions"]] == [True] * MAX_INSTANCES
