@@ -42,6 +42,7 @@ def render_nginx_conf(listen: str, upstreams: list[str], run_dir: Path, log_dir:
         "NGINX_RUN_DIR": str(run_dir),
         "NGINX_LOG_DIR": str(log_dir),
         "TORCHSERVE_SERVERS": "\n        ".join(f"server {u} max_fails=1 fail_timeout=5s;" for u in upstreams),
+        "TORCHSERVE_EXPLAIN_SERVERS": "\n        ".join(f"server {u} max_fails=0;" for u in upstreams),
     }
     text = NGINX_TEMPLATE.read_text()
     for name, value in values.items():

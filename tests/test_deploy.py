@@ -104,6 +104,7 @@ def test_proxy_config_is_the_local_template_and_passes_nginx_t(tmp_path: Path) -
     rendered = render_as_nginx_image(ROOT / "proxy" / "nginx.conf", environment)
     upstream = re.fullmatch(r"server (\S+) max_fails=1 fail_timeout=5s;", environment["TORCHSERVE_SERVERS"])
     assert upstream, environment["TORCHSERVE_SERVERS"]
+    assert environment["TORCHSERVE_EXPLAIN_SERVERS"] == f"server {upstream[1]} max_fails=0;"
     assert rendered == serve.render_nginx_conf(environment["NGINX_LISTEN"], [upstream[1]], Path(environment["NGINX_RUN_DIR"]),
                                                Path(environment["NGINX_LOG_DIR"]))
     assert "$request_method" in rendered and not re.findall(r"^[^#]*\$\{", rendered, re.MULTILINE)
@@ -265,6 +266,25 @@ def post_load(url: str, bodies: list[bytes], first: int, until: threading.Event,
             answers.append(Answer(sent, response.status_code, response.json()))
         except ValueError:
             answers.append(Answer(sent, response.status_code, response.text))
+
+
+def test_an_explanation_refused_by_one_instance_neither_ejects_it_nor_is_replayed(scaled_out: ScaledOut,
+                                                                                  image_b64: str) -> None:
+    refusing, other = scaled_out.instances
+    management = f"http://127.0.0.1:{refusing.ports['management']}/models/skin-explain/resnet18"
+    # Without explanation workers, TorchServe answers that instance's explanations 503 at once.
+    assert requests.put(f"{management}?min_worker=0&max_worker=0&synchronous=true", timeout=120).status_code == 200
+    try:
+        explain = {"image": image_b64, "explain": True, "method": "gradcam"}
+        statuses = [requests.post(f"{scaled_out.url}/predict", json=explain, timeout=120).status_code for _ in range(6)]
+        # Round robin: half reach the refusing instance and come back 503, none replayed on the other one.
+        assert statuses.count(503) == 3 and statuses.count(200) == 3, statuses
+        served = refusing.inference_requests()
+        for _ in range(6):  # within fail_timeout (5 s) of those 503s
+            assert requests.post(f"{scaled_out.url}/predict", json={"image": image_b64}, timeout=60).status_code == 200
+        assert refusing.inference_requests() > served, "the instance was ejected from plain predictions"
+    finally:
+        requests.put(f"{management}?min_worker=2&max_worker=2&synchronous=true", timeout=300)
 
 
 def test_stopping_one_instance_under_load_loses_no_answer(scaled_out: ScaledOut, fullres_images: list[Path]) -> None:
