@@ -18,6 +18,7 @@ RUN pip install --no-cache-dir --extra-index-url https://download.pytorch.org/wh
 COPY skinlesion/ skinlesion/
 COPY handler/ handler/
 COPY frontend/ frontend/
+COPY .streamlit/ .streamlit/
 COPY archive.sh serve.py client.py config.properties log4j2.xml ./
 COPY model_store/resnet18.pt model_store/resnet34.pt model_store/
 # The archives hold the weights, so the state dicts need not stay in the image.

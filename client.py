@@ -40,6 +40,9 @@ PRECISIONS = ("Low", "Medium", "High")
 METHODS = ("lime", "gradcam")
 MODELS = ("resnet18", "resnet34")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
+# The largest image the API takes: 15 MiB is 20 MiB in base64, under nginx's 21 MiB body limit (proxy/nginx.conf;
+# .streamlit/config.toml's maxUploadSize repeats it for the page, and a test checks the three agree).
+MAX_UPLOAD_MB = 15
 
 
 class ClientError(Exception):
@@ -66,7 +69,7 @@ def post_predict(url: str, image: bytes, explain: bool = False, precision: str =
     attempt = 0
     while True:
         try:
-            response = requests.post(url, json=body, timeout=timeout)
+            response = requests.post(url, json=body, timeout=timeout, allow_redirects=False)
         except requests.ConnectionError as exc:  # refused, reset, DNS, connect timeout
             if attempt == retries:
                 raise ClientError(f"the service at {url} is unreachable ({reason(exc)}; tried {retries + 1} times)") from None
@@ -82,8 +85,12 @@ def post_predict(url: str, image: bytes, explain: bool = False, precision: str =
 
 
 def read_envelope(url: str, response: requests.Response) -> dict:
-    """The answer's JSON object; anything without a "success" field becomes a failure envelope."""
+    """The answer's JSON object; anything without a "success" field becomes a failure envelope. A redirect is
+    not followed (the image would go wherever it points): it is a failure that names where it pointed."""
     answered = f"the service at {url} answered HTTP {response.status_code}"
+    if response.is_redirect:
+        return {"success": False, "error": f"{answered}, a redirect to {response.headers.get('Location', '?')}, which "
+                "is not followed: use the service's own URL"}
     try:
         payload = response.json()
     except ValueError:
@@ -100,7 +107,7 @@ def get_model_card(predict_url: str, timeout: float = 10.0) -> dict:
     """GET /model beside the /predict URL: the served default version's card (a success envelope)."""
     url = predict_url.rsplit("/predict", 1)[0] + "/model"
     try:
-        response = requests.get(url, timeout=timeout)
+        response = requests.get(url, timeout=timeout, allow_redirects=False)
     except requests.RequestException as exc:
         raise ClientError(f"cannot read the model card at {url} ({reason(exc)})") from None
     return read_envelope(url, response)
@@ -141,7 +148,21 @@ def expand_inputs(args: list[str]) -> tuple[list[Path], list[str]]:
     return list(dict.fromkeys(paths)), problems  # each file once, in the order given
 
 
-def classify_file(path: Path, args: argparse.Namespace) -> dict:
+def explanation_names(paths: list[Path]) -> dict[Path, str]:
+    """A distinct explanation file name per input: <stem>_explain.png, with the parent folder's name in front
+    where stems repeat (a/mole.jpg, b/mole.jpg), and the input's position where that repeats too."""
+    def clashing(names: list[str]) -> set[str]:
+        return {name for name in names if names.count(name) > 1}
+
+    names = [f"{p.stem}_explain.png" for p in paths]
+    repeated = clashing(names)
+    names = [f"{p.parent.name}_{n}" if n in repeated else n for p, n in zip(paths, names, strict=True)]
+    repeated = clashing(names)
+    names = [f"{i + 1}_{n}" if n in repeated else n for i, n in enumerate(names)]
+    return dict(zip(paths, names, strict=True))
+
+
+def classify_file(path: Path, args: argparse.Namespace, out_name: str = "") -> dict:
     """The envelope for one file, with "file" added; reading and client errors become failure envelopes."""
     try:
         data = path.read_bytes()
@@ -159,7 +180,7 @@ def classify_file(path: Path, args: argparse.Namespace) -> dict:
     if isinstance(explanation, dict) and "image_png" in explanation:
         png = explanation.pop("image_png")
         if args.out and png:
-            target = args.out / f"{path.stem}_explain.png"
+            target = args.out / (out_name or f"{path.stem}_explain.png")
             try:
                 target.write_bytes(base64.b64decode(png))
             except (OSError, ValueError) as exc:
@@ -247,7 +268,8 @@ def main(argv: list[str] | None = None) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
     results = []
     with ThreadPoolExecutor(max_workers=args.workers) as pool:
-        answers = pool.map(lambda path: classify_file(path, args), paths)
+        names = explanation_names(paths)
+        answers = pool.map(lambda path: classify_file(path, args, names[path]), paths)
         for result in tqdm(answers, total=len(paths), unit="image", file=sys.stderr,
                            disable=True if len(paths) < 2 else None):  # None: only on a terminal
             results.append(result)

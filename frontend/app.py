@@ -10,6 +10,7 @@ import base64
 import hashlib
 import os
 import sys
+from collections import OrderedDict
 from pathlib import Path
 
 import altair as alt
@@ -17,9 +18,11 @@ import pandas as pd
 import streamlit as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root, for client.py
-from client import ClientError, get_model_card, post_predict  # noqa: E402
+from client import MAX_UPLOAD_MB, ClientError, get_model_card, post_predict  # noqa: E402
 
 API_URL = os.environ.get("SKIN_API_URL", "http://127.0.0.1:8089/predict")
+# Answers kept per browser session (an explanation's PNG is up to about 1 MB).
+CACHED_ANSWERS = 32
 
 # Rough server-side wait per image, in seconds, shown in the spinner.
 EXPECTED_SECONDS = {"predict": 1, "gradcam": 1, "Low": 5, "Medium": 15, "High": 40}
@@ -34,15 +37,20 @@ def expected_seconds(explain: bool, method: str, precision: str) -> int:
 
 
 def classify(image: bytes, explain: bool, method: str, precision: str) -> dict:
-    """The server's envelope; successful answers are kept for the session so reruns don't ask again."""
+    """The server's envelope; the latest successful answers are kept for the session so reruns don't ask again,
+    without the pixel array of the explanation (the page shows its PNG)."""
     key = (API_URL, hashlib.sha1(image).hexdigest(), explain, method if explain else "", precision if explain else "")
-    cache = st.session_state.setdefault("answers", {})
-    if key not in cache:
-        answer = post_predict(API_URL, image, explain=explain, precision=precision, method=method)
-        if not answer.get("success"):
-            return answer
+    cache: OrderedDict = st.session_state.setdefault("answers", OrderedDict())
+    if key in cache:
+        cache.move_to_end(key)
+        return cache[key]
+    answer = post_predict(API_URL, image, explain=explain, precision=precision, method=method)
+    answer.pop("explain", None)
+    if answer.get("success"):
         cache[key] = answer
-    return cache[key]
+        while len(cache) > CACHED_ANSWERS:
+            cache.popitem(last=False)
+    return answer
 
 
 @st.cache_data(ttl=60, show_spinner=False)
@@ -122,7 +130,8 @@ with st.sidebar:
     st.caption(f"Server: `{API_URL}`")
     show_model_card(model_card(API_URL))
 
-uploads = st.file_uploader("Dermatoscopic images (JPEG or PNG)", type=["jpg", "jpeg", "png"], accept_multiple_files=True)
+uploads = st.file_uploader("Dermatoscopic images (JPEG or PNG)", type=["jpg", "jpeg", "png"], accept_multiple_files=True,
+                           help=f"Up to {MAX_UPLOAD_MB} MB per image, as the API accepts.")
 
 for upload in uploads or []:
     st.subheader(upload.name)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
-from http.server import ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -191,3 +192,50 @@ def test_post_predict_timeout_raises_client_error(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(client.requests, "post", slow)
     with pytest.raises(client.ClientError, match="did not answer within 240 s"):
         client.post_predict("http://127.0.0.1:9/predict", b"image", explain=True, precision="High")
+
+
+def test_explanation_names_never_collide() -> None:
+    paths = [Path("a/mole.jpg"), Path("b/mole.jpg"), Path("b/mole.png"), Path("c/other.jpg"), Path("x/a/mole.jpg")]
+    assert list(client.explanation_names(paths).values()) == [
+        "1_a_mole_explain.png", "2_b_mole_explain.png", "3_b_mole_explain.png", "other_explain.png", "5_a_mole_explain.png"]
+    assert list(client.explanation_names([Path("a/mole.jpg"), Path("b/mole.jpg")]).values()) == [
+        "a_mole_explain.png", "b_mole_explain.png"]
+
+
+def test_explanations_of_same_named_images_are_all_saved(service, fullres_images, tmp_path: Path) -> None:
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "mole.jpg").write_bytes(fullres_images[0].read_bytes())
+    out = tmp_path / "out"
+    result = run_client("--url", service.predict_url, "--explain", "--method", "gradcam", "--out", str(out),
+                        str(tmp_path / "a" / "mole.jpg"), str(tmp_path / "b" / "mole.jpg"), timeout=200)
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["a_mole_explain.png", "b_mole_explain.png"]
+
+
+class Redirecting(BaseHTTPRequestHandler):
+    """Answers every POST with a 307 to the server's `.target`."""
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.send_response(307)
+        self.send_header("Location", self.server.target)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_a_redirect_is_not_followed(sleeps: list[float]) -> None:
+    with http_stub([(200, b'{"success": true}')]) as elsewhere:
+        server = ThreadingHTTPServer(("127.0.0.1", 0), Redirecting)
+        server.target = elsewhere.url
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            answer = client.post_predict(f"http://127.0.0.1:{server.server_address[1]}/predict", b"image bytes")
+        finally:
+            server.shutdown()
+            server.server_close()
+    assert answer["success"] is False and "redirect" in answer["error"] and elsewhere.url in answer["error"]
+    assert elsewhere.hits == 0

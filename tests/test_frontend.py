@@ -171,3 +171,15 @@ def test_unreachable_server_shows_readable_error(page: Page, closed_app_url: str
     expect(error).to_be_visible(timeout=PAGE_MS)
     expect(page.locator('[data-testid="stException"]')).to_have_count(0)
     assert "Traceback" not in page.content()
+
+
+def test_the_page_takes_uploads_up_to_the_apis_image_limit() -> None:
+    import tomllib
+
+    import client
+
+    config = tomllib.loads((ROOT / ".streamlit" / "config.toml").read_text())
+    assert config["server"]["maxUploadSize"] == client.MAX_UPLOAD_MB
+    body_limit = re.search(r"client_max_body_size (\d+)m;", (ROOT / "proxy" / "nginx.conf").read_text())
+    # The largest upload, in base64 with the JSON around it, fits nginx's body limit.
+    assert client.MAX_UPLOAD_MB * 4 / 3 + 0.1 < int(body_limit[1])
