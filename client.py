@@ -18,6 +18,8 @@ import os
 import re
 import sys
 import time
+from collections import OrderedDict
+from collections.abc import Hashable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -101,6 +103,29 @@ def read_envelope(url: str, response: requests.Response) -> dict:
         message = payload.get("message") or payload.get("error") or json.dumps(payload)[:200]
         payload = {"success": False, "error": f"HTTP {response.status_code}: {message}"}
     return payload
+
+
+class AnswerCache:
+    """The latest `size` successful answers by key, without the explanation's pixel array (`explain`, the
+    largest part of an answer; the PNG in `explanation` shows the same): what the page keeps per session."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.answers: OrderedDict[Hashable, dict] = OrderedDict()
+
+    def get(self, key: Hashable) -> dict | None:
+        if key in self.answers:
+            self.answers.move_to_end(key)
+        return self.answers.get(key)
+
+    def put(self, key: Hashable, answer: dict) -> dict:
+        answer = {k: v for k, v in answer.items() if k != "explain"}
+        if answer.get("success"):
+            self.answers[key] = answer
+            self.answers.move_to_end(key)
+            while len(self.answers) > self.size:
+                self.answers.popitem(last=False)
+        return answer
 
 
 def get_model_card(predict_url: str, timeout: float = 10.0) -> dict:

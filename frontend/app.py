@@ -10,7 +10,6 @@ import base64
 import hashlib
 import os
 import sys
-from collections import OrderedDict
 from pathlib import Path
 
 import altair as alt
@@ -18,7 +17,7 @@ import pandas as pd
 import streamlit as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root, for client.py
-from client import MAX_UPLOAD_MB, ClientError, get_model_card, post_predict  # noqa: E402
+from client import MAX_UPLOAD_MB, AnswerCache, ClientError, get_model_card, post_predict  # noqa: E402
 
 API_URL = os.environ.get("SKIN_API_URL", "http://127.0.0.1:8089/predict")
 # Answers kept per browser session (an explanation's PNG is up to about 1 MB).
@@ -37,20 +36,10 @@ def expected_seconds(explain: bool, method: str, precision: str) -> int:
 
 
 def classify(image: bytes, explain: bool, method: str, precision: str) -> dict:
-    """The server's envelope; the latest successful answers are kept for the session so reruns don't ask again,
-    without the pixel array of the explanation (the page shows its PNG)."""
+    """The server's envelope; the latest successful answers are kept for the session so reruns don't ask again."""
     key = (API_URL, hashlib.sha1(image).hexdigest(), explain, method if explain else "", precision if explain else "")
-    cache: OrderedDict = st.session_state.setdefault("answers", OrderedDict())
-    if key in cache:
-        cache.move_to_end(key)
-        return cache[key]
-    answer = post_predict(API_URL, image, explain=explain, precision=precision, method=method)
-    answer.pop("explain", None)
-    if answer.get("success"):
-        cache[key] = answer
-        while len(cache) > CACHED_ANSWERS:
-            cache.popitem(last=False)
-    return answer
+    cache = st.session_state.setdefault("answers", AnswerCache(CACHED_ANSWERS))
+    return cache.get(key) or cache.put(key, post_predict(API_URL, image, explain=explain, precision=precision, method=method))
 
 
 @st.cache_data(ttl=60, show_spinner=False)

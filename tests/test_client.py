@@ -239,3 +239,16 @@ def test_a_redirect_is_not_followed(sleeps: list[float]) -> None:
             server.server_close()
     assert answer["success"] is False and "redirect" in answer["error"] and elsewhere.url in answer["error"]
     assert elsewhere.hits == 0
+
+
+def test_the_answer_cache_is_bounded_and_keeps_no_pixel_arrays() -> None:
+    cache = client.AnswerCache(2)
+    answer = {"success": True, "prediction": "x", "explain": [[[0, 0, 0]]], "explanation": {"image_png": "..."}}
+    assert cache.put("a", answer) == {k: v for k, v in answer.items() if k != "explain"}
+    cache.put("b", {"success": True})
+    assert cache.get("a") is not None  # now the most recent
+    cache.put("c", {"success": True})
+    assert cache.get("b") is None and cache.get("a") is not None and cache.get("c") is not None
+    assert "explain" not in cache.get("a")
+    failed = {"success": False, "error": "busy"}
+    assert cache.put("d", failed) == failed and cache.get("d") is None  # failures are asked again
