@@ -19,7 +19,7 @@ import re
 import sys
 import time
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -37,6 +37,8 @@ TIMEOUTS = {"plain": 30.0, "Low": 60.0, "Medium": 120.0, "High": 240.0}
 # is tried 4 times in all, a bounded cost.
 RETRY_STATUSES = (500, 502, 503, 507)
 BACKOFF = 0.5  # seconds before the first retry, doubled for each next one: 0.5, 1, 2
+# A 503 with Retry-After ("explanations are busy") is retried after that many seconds, up to this long in all.
+MAX_BUSY_WAIT = 300.0
 # The server's choices (skinlesion.service, serve.py), repeated here so the client never imports torch.
 PRECISIONS = ("Low", "Medium", "High")
 METHODS = ("lime", "gradcam")
@@ -62,13 +64,16 @@ def reason(exc: BaseException) -> str:
 
 
 def post_predict(url: str, image: bytes, explain: bool = False, precision: str = "Medium", method: str = "lime",
-                 timeout: float | None = None, retries: int = 3) -> dict:
+                 timeout: float | None = None, retries: int = 3, max_busy_wait: float = MAX_BUSY_WAIT,
+                 on_busy: Callable[[float, str], None] | None = None) -> dict:
     """POST one image; returns the JSON envelope, success or failure. 500/502/503/507 answers and connection
-    errors are retried `retries` times with exponential backoff; other trouble raises ClientError."""
+    errors are retried `retries` times with exponential backoff; a 503 with Retry-After (busy) is retried after
+    the seconds it names while the waits add up to at most `max_busy_wait`, calling on_busy(seconds, message)
+    before each; other trouble raises ClientError."""
     if timeout is None:
         timeout = TIMEOUTS.get(precision.capitalize(), TIMEOUTS["High"]) if explain else TIMEOUTS["plain"]
     body = {"image": encode_image(image), "explain": explain, "precision": precision, "method": method}
-    attempt = 0
+    attempt, busy_waited = 0, 0.0
     while True:
         try:
             response = requests.post(url, json=body, timeout=timeout, allow_redirects=False)
@@ -80,10 +85,31 @@ def post_predict(url: str, image: bytes, explain: bool = False, precision: str =
         except requests.RequestException as exc:
             raise ClientError(f"cannot send the request to {url}: {exc}") from None
         else:
+            wait = retry_after(response)
+            if wait is not None:
+                answer = read_envelope(url, response)
+                if busy_waited + wait > max_busy_wait:
+                    answer["error"] = f"{answer.get('error')} (gave up after waiting {busy_waited:.0f} s in all)"
+                    return answer
+                if on_busy:
+                    on_busy(wait, answer.get("error", "busy"))
+                time.sleep(wait)
+                busy_waited += wait
+                continue
             if response.status_code not in RETRY_STATUSES or attempt == retries:
                 return read_envelope(url, response)
         time.sleep(BACKOFF * 2**attempt)
         attempt += 1
+
+
+def retry_after(response: requests.Response) -> float | None:
+    """The seconds a 503 says to wait before trying again (Retry-After in seconds), if it says so."""
+    if response.status_code != 503:
+        return None
+    try:
+        return max(0.0, float(response.headers.get("Retry-After", "")))
+    except ValueError:
+        return None
 
 
 def read_envelope(url: str, response: requests.Response) -> dict:
@@ -196,7 +222,9 @@ def classify_file(path: Path, args: argparse.Namespace, out_name: str = "") -> d
     except OSError as exc:
         return {"file": str(path), "success": False, "error": f"cannot read the file ({exc.strerror or exc})"}
     try:
-        result = post_predict(args.url, data, args.explain, args.precision, args.method)
+        result = post_predict(args.url, data, args.explain, args.precision, args.method,
+                              on_busy=lambda seconds, message: print(f"{path}: {message}; retrying in {seconds:.0f} s",
+                                                                     file=sys.stderr))
     except ClientError as exc:
         return {"file": str(path), "success": False, "error": str(exc)}
     result = {"file": str(path), **result}

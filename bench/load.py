@@ -42,6 +42,11 @@ DATA = Path(os.environ.get("SKIN_DATA_DIR", ROOT.parent / "shared" / "data")) / 
 CLASS_COUNT = 7
 
 
+def client_address(i: int) -> str:
+    """A loopback source address per simulated client: nginx limits requests per client address."""
+    return f"127.0.{1 + i // 250}.{2 + i % 250}"
+
+
 @dataclass(frozen=True)
 class Outcome:
     kind: str  # "plain" or "explain"
@@ -108,8 +113,8 @@ def run_load(url: str, images: list[bytes], total: int, concurrency: int = 16, e
     next_index = iter(range(total))
     stop = threading.Event()
 
-    def client() -> None:
-        connection = http.client.HTTPConnection(target.hostname, target.port)
+    def client(number: int) -> None:
+        connection = http.client.HTTPConnection(target.hostname, target.port, source_address=(client_address(number), 0))
         try:
             while not stop.is_set():
                 with lock:
@@ -128,7 +133,7 @@ def run_load(url: str, images: list[bytes], total: int, concurrency: int = 16, e
             connection.close()
 
     with ThreadPoolExecutor(concurrency) as pool:
-        futures = [pool.submit(client) for _ in range(concurrency)]
+        futures = [pool.submit(client, n) for n in range(concurrency)]
         try:
             for future in futures:
                 future.result()

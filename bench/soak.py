@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))  # so that `python bench/soak.py` finds serve.py w
 
 import serve  # noqa: E402
 from bench.budget import worker_pids  # noqa: E402
-from bench.load import DATA, load_images, send  # noqa: E402
+from bench.load import DATA, client_address, load_images, send  # noqa: E402
 
 GROWTH_LIMIT = 0.05
 
@@ -78,7 +78,7 @@ def soak(url: str, management: str, minutes: float, warmup_minutes: float, concu
     stop = threading.Event()
 
     def client(offset: int) -> None:
-        connection = http.client.HTTPConnection(target.hostname, target.port)
+        connection = http.client.HTTPConnection(target.hostname, target.port, source_address=(client_address(offset), 0))
         for kind, body, explain in itertools.islice(itertools.cycle(cycle), offset, None):
             if stop.is_set() or time.monotonic() > end:
                 break

@@ -35,11 +35,12 @@ def expected_seconds(explain: bool, method: str, precision: str) -> int:
     return EXPECTED_SECONDS["gradcam" if method == "gradcam" else precision]
 
 
-def classify(image: bytes, explain: bool, method: str, precision: str) -> dict:
+def classify(image: bytes, explain: bool, method: str, precision: str, on_busy) -> dict:
     """The server's envelope; the latest successful answers are kept for the session so reruns don't ask again."""
     key = (API_URL, hashlib.sha1(image).hexdigest(), explain, method if explain else "", precision if explain else "")
     cache = st.session_state.setdefault("answers", AnswerCache(CACHED_ANSWERS))
-    return cache.get(key) or cache.put(key, post_predict(API_URL, image, explain=explain, precision=precision, method=method))
+    return cache.get(key) or cache.put(key, post_predict(API_URL, image, explain=explain, precision=precision,
+                                                         method=method, on_busy=on_busy))
 
 
 @st.cache_data(ttl=60, show_spinner=False)
@@ -126,11 +127,14 @@ for upload in uploads or []:
     st.subheader(upload.name)
     image = upload.getvalue()
     wait = expected_seconds(explain, method, precision)
+    busy = st.empty()
     with st.spinner(f"Asking the server about {upload.name} (expected wait ~{wait} s)...", show_time=True):
         try:
-            answer = classify(image, explain, method, precision)
+            answer = classify(image, explain, method, precision,
+                              lambda seconds, message, busy=busy: busy.info(f"Busy, retrying in {seconds:.0f} s: {message}"))
         except ClientError as exc:
             answer = {"success": False, "error": str(exc)}
+    busy.empty()
     columns = st.columns(3 if explain else 2)
     columns[0].image(image, caption="Original", width="stretch")
     if not answer.get("success"):

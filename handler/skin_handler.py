@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import logging
+import time
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from skinlesion.admission import Ledger
 from skinlesion.predictor import Predictor
-from skinlesion.service import respond, respond_instances
+from skinlesion.service import Arrival, respond, respond_instances
 
 log = logging.getLogger(__name__)
+BUSY_STATUS = HTTPStatus.LOCKED
 
 
 def is_request_rows(data: Any, context: Any) -> bool:
@@ -25,6 +28,16 @@ def is_request_rows(data: Any, context: Any) -> bool:
             and all(isinstance(row, dict) and ("body" in row or "data" in row) for row in data))
 
 
+def arrival(context: Any, idx: int) -> Arrival:
+    """The request id and arrival time nginx sends (X-Request-Id, X-Request-Start); without nginx, none and now."""
+    headers = {k.lower(): v for k, v in (context.get_all_request_header(idx) or {}).items()}
+    try:
+        seconds = float(headers.get("x-request-start", ""))
+    except ValueError:
+        seconds = time.time()
+    return Arrival(str(headers.get("x-request-id", "")), seconds)
+
+
 def worker_device(gpu_id: int | str | None) -> str:
     """The device of one worker: TorchServe hands each worker a GPU id in turn on a host with GPUs
     (none where it has none, or where the model's config says deviceType: cpu)."""
@@ -35,16 +48,24 @@ class SkinHandler:
     def __init__(self) -> None:
         self.predictor: Predictor | None = None
         self.explanations_at: str | None = None
+        self.deadline: float | None = None
+        self.ledger: Ledger | None = None
 
     def initialize(self, context: Any) -> None:
         settings = (context.model_yaml_config or {}).get("handler", {})
         # Workers run side by side on two cores: one torch thread each avoids oversubscription.
         torch.set_num_threads(int(settings.get("torch_threads", 1)))
-        # Set for the batching pool: its explanation requests are answered 307, and nginx replays them there.
+        # Set for the batching pool: its explanation requests are answered 307, and nginx replays them there,
+        # once admitted against the explaining workers' deadline (skinlesion.admission).
         self.explanations_at = settings.get("explanations_at")
         model_dir = Path(context.system_properties["model_dir"])
         device = worker_device(context.system_properties.get("gpu_id"))
         self.predictor = Predictor.from_checkpoint(model_dir / context.manifest["model"]["serializedFile"], device)
+        # Set for the explaining pool: seconds from arrival after which an explanation is given up.
+        self.deadline = settings.get("deadline_seconds")
+        self.ledger = Ledger()
+        if self.deadline is not None:
+            self.ledger.register_worker(float(self.deadline), self.predictor.arch)
         log.info("%s on %s", self.predictor.arch, device)
 
     def handle(self, data: Any, context: Any) -> list[dict]:
@@ -54,11 +75,20 @@ class SkinHandler:
             context.set_response_status(status, HTTPStatus(status).phrase, 0)
             return payloads
         timings: dict[str, float] = {}
-        answers = respond(self.predictor, [row.get("body", row.get("data")) for row in data], timings, self.explanations_at)
+        arrivals = [arrival(context, idx) for idx in range(len(data))]
+        answers = respond(self.predictor, [row.get("body", row.get("data")) for row in data], timings, self.explanations_at,
+                          arrivals, self.ledger, self.deadline)
         # One line per batch in model_log.log: bench/serve.py splits the served latency with it.
         log.info("handler_ms batch=%d %s", len(data), " ".join(f"{k}={v:.2f}" for k, v in timings.items()))
-        for idx, (status, _) in enumerate(answers):
+        for idx, (status, payload) in enumerate(answers):
+            if "retry_after" in payload:
+                # "Busy" goes out as 423: nginx answers it 503 with our message (proxy/nginx.conf @busy), while
+                # a 503 from TorchServe would count as the instance failing and be replayed on another.
+                status = BUSY_STATUS
             context.set_response_status(status, HTTPStatus(status).phrase, idx)
             if status == HTTPStatus.TEMPORARY_REDIRECT:
                 context.set_response_header(idx, "Location", self.explanations_at)
+            if "retry_after" in payload:
+                context.set_response_header(idx, "Retry-After", str(payload["retry_after"]))
+                context.set_response_header(idx, "X-Skin-Busy", payload["error"])
         return [payload for _, payload in answers]

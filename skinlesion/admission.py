@@ -59,7 +59,7 @@ class Ledger:
         self.path = Path(path) if path else default_ledger_path()
         with self.connect() as db:
             db.execute("PRAGMA journal_mode=WAL")
-            db.execute("CREATE TABLE IF NOT EXISTS workers (pid INTEGER PRIMARY KEY, deadline REAL)")
+            db.execute("CREATE TABLE IF NOT EXISTS workers (pid INTEGER PRIMARY KEY, pool TEXT, deadline REAL)")
             db.execute("CREATE TABLE IF NOT EXISTS admitted (request_id TEXT PRIMARY KEY, kind TEXT, arrival REAL)")
             db.execute("CREATE TABLE IF NOT EXISTS durations (kind TEXT, seconds REAL, finished REAL)")
 
@@ -72,14 +72,15 @@ class Ledger:
         finally:
             db.close()
 
-    def register_worker(self, deadline: float, pid: int | None = None) -> None:
-        """An explaining worker, and the seconds it allows an explanation from arrival to answer."""
+    def register_worker(self, deadline: float, pool: str = "", pid: int | None = None) -> None:
+        """An explaining worker of `pool` (the model version it serves), and the seconds it allows an
+        explanation from arrival to answer."""
         with self.connect() as db:
-            db.execute("INSERT OR REPLACE INTO workers VALUES (?, ?)", (pid or os.getpid(), deadline))
+            db.execute("INSERT OR REPLACE INTO workers VALUES (?, ?, ?)", (pid or os.getpid(), pool, deadline))
 
-    def workers(self, db: sqlite3.Connection) -> tuple[int, float | None]:
-        """(explaining workers alive, their deadline); workers whose process has gone are forgotten."""
-        rows = db.execute("SELECT pid, deadline FROM workers").fetchall()
+    def workers(self, db: sqlite3.Connection, pool: str = "") -> tuple[int, float | None]:
+        """(explaining workers of `pool` alive, their deadline); workers whose process has gone are forgotten."""
+        rows = db.execute("SELECT pid, deadline FROM workers WHERE pool = ?", (pool,)).fetchall()
         alive = []
         for pid, deadline in rows:
             try:
@@ -96,13 +97,14 @@ class Ledger:
                           (kind, RECENT_DURATIONS)).fetchall()
         return statistics.median(r[0] for r in rows) if rows else FIRST_GUESS_SECONDS.get(kind, FIRST_GUESS_SECONDS["High"])
 
-    def admit(self, request_id: str, kind: str, arrival: float, now: float | None = None) -> Refusal | None:
-        """Record the explanation and return None, or return why it cannot finish by its deadline."""
+    def admit(self, request_id: str, kind: str, arrival: float, *, pool: str = "", now: float | None = None) -> Refusal | None:
+        """Record the explanation for the workers of `pool` and return None, or return why it cannot finish by
+        its deadline."""
         now = time.time() if now is None else now
         with self.connect() as db:
             db.execute("BEGIN IMMEDIATE")
             try:
-                count, deadline = self.workers(db)
+                count, deadline = self.workers(db, pool)
                 if not count:  # no explaining worker has registered (yet): nothing to measure against
                     db.execute("COMMIT")
                     return None

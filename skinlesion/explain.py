@@ -21,6 +21,7 @@ from lime import lime_image
 from PIL import Image
 from skimage.segmentation import mark_boundaries, slic
 
+from skinlesion.admission import DeadlinePassed
 from skinlesion.image import normalize, resize
 from skinlesion.model import CLASS_NAMES
 from skinlesion.predictor import Predictor
@@ -124,14 +125,18 @@ def segment(image: np.ndarray, n_segments: int) -> np.ndarray:
     return np.unique(labels, return_inverse=True)[1].reshape(labels.shape)
 
 
-def explain_lime(predictor: Predictor, image: Image.Image, label: int, precision: str, seed: int = 0) -> Explanation:
-    """LIME for class `label` of an RGB image: which superpixels raise that class's probability."""
+def explain_lime(predictor: Predictor, image: Image.Image, label: int, precision: str, seed: int = 0,
+                 until: float | None = None) -> Explanation:
+    """LIME for class `label` of an RGB image: which superpixels raise that class's probability. Past `until`
+    (a time.time()), the next batch of perturbed images raises DeadlinePassed instead of running."""
     settings = lime_settings(precision)
     check_label(label)
     started = time.perf_counter()
     small = resize(image, predictor.image_size).permute(1, 2, 0).numpy()
 
     def classify(images: np.ndarray) -> np.ndarray:
+        if until is not None and time.time() > until:
+            raise DeadlinePassed
         # lime hands over N x H x W x 3 uint8 images; the serving normalization turns them into model input.
         batch = normalize(torch.from_numpy(images).permute(0, 3, 1, 2))
         return predictor.probabilities(batch, LIME_BATCH_SIZE, bfloat16=native_bfloat16(predictor.device.type)).numpy()
@@ -238,15 +243,17 @@ def payload_from(image: Image.Image, explanation: Explanation) -> dict:
 
 
 def explanation_payload(
-    predictor: Predictor, image: Image.Image, label: int, method: str, precision: str, seed: int = 0
+    predictor: Predictor, image: Image.Image, label: int, method: str, precision: str, seed: int = 0,
+    until: float | None = None,
 ) -> dict:
     """Explain class `label` of an RGB image with `method` ("lime" or "gradcam") as the response additions.
 
-    `precision` is validated for both methods (the request always carries one) but only LIME uses it.
+    `precision` is validated for both methods (the request always carries one) but only LIME uses it, and
+    only LIME, which runs for seconds, stops at `until` (Grad-CAM is one backward pass).
     """
     lime_settings(precision)
     if method == "lime":
-        explanation = explain_lime(predictor, image, label, precision, seed)
+        explanation = explain_lime(predictor, image, label, precision, seed, until)
     elif method == "gradcam":
         explanation = explain_gradcam(predictor, image, label)
     else:

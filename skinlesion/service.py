@@ -16,6 +16,7 @@ from typing import Any
 
 from PIL import Image
 
+from skinlesion.admission import DeadlinePassed, Ledger, explanation_kind
 from skinlesion.explain import METHODS, PRECISION_SETTINGS, explanation_payload
 from skinlesion.image import ImageError, decode_image
 from skinlesion.model import CLASS_NAMES
@@ -50,8 +51,21 @@ class PredictRequest:
     method: str = "lime"
 
 
+@dataclass(frozen=True)
+class Arrival:
+    """When and as what a request reached the public door (nginx's $request_id and $msec)."""
+
+    request_id: str
+    seconds: float  # time.time() at arrival
+
+
 def failure(message: str) -> dict:
     return {"success": False, "error": message}
+
+
+def busy(message: str, retry_after: int) -> tuple[int, dict]:
+    """503 with the seconds after which to retry: servers send it as the Retry-After header too."""
+    return 503, {**failure(message), "retry_after": retry_after}
 
 
 def parse_body(body: Any) -> dict:
@@ -136,14 +150,20 @@ def respond_instances(predictor: Predictor, instances: Any) -> tuple[int, list[d
 
 
 def respond(predictor: Predictor, bodies: list[Any], timings: dict[str, float] | None = None,
-            explanations_at: str | None = None) -> list[tuple[int, dict]]:
+            explanations_at: str | None = None, arrivals: list[Arrival] | None = None, ledger: Ledger | None = None,
+            deadline: float | None = None) -> list[tuple[int, dict]]:
     """(HTTP status, JSON payload) for each body; valid images are classified as one batch.
 
     `timings` (if given) gets the batch's milliseconds spent decoding, preprocessing and in the model.
     `explanations_at` (a path) is where a server that batches plain predictions sends explanation
-    requests: they are answered 307 (repeat this request there) so that none holds a batch back.
+    requests: they are answered 307 (repeat this request there) so that none holds a batch back, once the
+    `ledger` (if given) admits them against the explaining workers' deadline, or 503 with the expected wait.
+    `deadline` (seconds from arrival, for a server that explains) is when an explanation is given up: one
+    picked up later is answered 503 without computing it, and LIME stops between sample batches past it.
+    `arrivals` (one per body) say when each request arrived and as what; without them, now.
     """
     start = time.perf_counter()
+    arrivals = arrivals or [Arrival("", time.time()) for _ in bodies]
     answers: list[tuple[int, dict] | None] = [None] * len(bodies)
     accepted: list[tuple[int, PredictRequest, Image.Image]] = []
     for i, body in enumerate(bodies):
@@ -154,7 +174,12 @@ def respond(predictor: Predictor, bodies: list[Any], timings: dict[str, float] |
                 continue
             request = parse_request(fields)
             if request.explain and explanations_at:
-                answers[i] = (307, failure(f"explanations are answered at {explanations_at}: send this request there"))
+                kind = explanation_kind(request.method, request.precision)
+                admitting = ledger is not None and arrivals[i].request_id
+                refusal = (ledger.admit(arrivals[i].request_id, kind, arrivals[i].seconds, pool=predictor.arch) if admitting
+                           else None)
+                answers[i] = (busy(refusal.message, refusal.retry_after) if refusal else
+                              (307, failure(f"explanations are answered at {explanations_at}: send this request there")))
                 continue
             accepted.append((i, request, decode_image(request.image)))
         except (RequestError, ImageError) as exc:
@@ -173,10 +198,37 @@ def respond(predictor: Predictor, bodies: list[Any], timings: dict[str, float] |
     for (i, request, image), result in zip(accepted, results, strict=True):
         answers[i] = (200, {"success": True, **result})
         if request.explain:
-            try:
-                label = CLASS_NAMES.index(result["prediction"])
-                answers[i][1].update(explanation_payload(predictor, image, label, request.method, request.precision))
-            except Exception:
-                log.exception("explanation failed")
-                answers[i] = (500, failure("the explanation failed on this image; the error is in the server log"))
+            answers[i] = explain(predictor, image, request, answers[i], arrivals[i], ledger, deadline)
     return answers
+
+
+def explain(predictor: Predictor, image: Image.Image, request: PredictRequest, answer: tuple[int, dict],
+            arrival: Arrival, ledger: Ledger | None, deadline: float | None) -> tuple[int, dict]:
+    """The prediction's answer with its explanation added, or the reason there is none."""
+    kind = explanation_kind(request.method, request.precision)
+    # The arrival the admitting worker recorded is the request's first; nginx's header on the replay is later.
+    arrived = (ledger.arrival(arrival.request_id) if ledger and arrival.request_id else None) or arrival.seconds
+    until = arrived + deadline if deadline is not None else None
+    started = time.time()
+    computed = None
+    try:
+        if until is not None and started > until:
+            return busy(f"this explanation waited {started - arrived:.0f} s, past the {deadline:g} s an explanation may "
+                        "take, and was not computed; retry later, or use method gradcam", max(1, round(deadline / 4)))
+        label = CLASS_NAMES.index(answer[1]["prediction"])
+        log.info("explaining %s (%s)", arrival.request_id or "-", kind)
+        answer[1].update(explanation_payload(predictor, image, label, request.method, request.precision, until=until))
+        computed = time.time() - started
+        log.info("explained %s (%s) in %.2f s", arrival.request_id or "-", kind, computed)
+        return answer
+    except DeadlinePassed:
+        log.warning("explanation %s (%s) stopped at its deadline after %.2f s", arrival.request_id or "-", kind,
+                    time.time() - started)
+        return busy(f"this explanation did not finish within the {deadline:g} s an explanation may take (it waited "
+                    f"{started - arrived:.0f} s); retry later, or use method gradcam", max(1, round(deadline / 4)))
+    except Exception:
+        log.exception("explanation failed")
+        return 500, failure("the explanation failed on this image; the error is in the server log")
+    finally:
+        if ledger and arrival.request_id:
+            ledger.finish(arrival.request_id, kind, computed)

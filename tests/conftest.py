@@ -35,14 +35,16 @@ HAM10000 = DATA / "ham10000"
 
 
 class ScriptedHandler(BaseHTTPRequestHandler):
-    """Answers each GET or POST with the server's next (status, body) from `answers`, repeating the last."""
+    """Answers each GET or POST with the server's next (status, body[, headers]) from `answers`, repeating the last."""
 
     def answer(self) -> None:
         self.rfile.read(int(self.headers.get("Content-Length", 0)))
         server = self.server
-        status, body = server.answers[min(server.hits, len(server.answers) - 1)]
+        status, body, *headers = server.answers[min(server.hits, len(server.answers) - 1)]
         server.hits += 1
         self.send_response(status)
+        for name, value in (headers[0] if headers else {}).items():
+            self.send_header(name, value)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -55,7 +57,7 @@ class ScriptedHandler(BaseHTTPRequestHandler):
 
 
 @contextmanager
-def http_stub(answers: list[tuple[int, bytes]]) -> Iterator[ThreadingHTTPServer]:
+def http_stub(answers: list[tuple]) -> Iterator[ThreadingHTTPServer]:
     """A scripted HTTP server on a free loopback port: `.answers` (settable), `.hits`, `.url` (its /predict)."""
     server = ThreadingHTTPServer(("127.0.0.1", 0), ScriptedHandler)
     server.answers, server.hits = list(answers), 0

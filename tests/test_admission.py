@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,8 @@ from skinlesion.admission import FIRST_GUESS_SECONDS, RECENT_DURATIONS, Ledger, 
 def ledger(tmp_path: Path) -> Ledger:
     ledger = Ledger(tmp_path / "ledger.sqlite")
     ledger.register_worker(deadline=10.0)
-    ledger.register_worker(deadline=10.0, pid=1)  # init: always alive, so two workers
+    ledger.register_worker(deadline=10.0, pid=1)
+    ledger.register_worker(deadline=10.0, pool="other version", pid=os.getppid())  # init: always alive, so two workers
     return ledger
 
 
@@ -31,15 +34,15 @@ def test_explanations_are_admitted_while_they_fit_the_deadline(ledger: Ledger) -
 
 def test_finished_explanations_free_their_place_and_teach_the_durations(ledger: Ledger) -> None:
     for i in range(9):
-        assert ledger.admit(f"r{i}", "Low", 100.0, 100.0) is None
-    assert ledger.admit("next", "Low", 100.0, 100.0) is not None
+        assert ledger.admit(f"r{i}", "Low", 100.0, now=100.0) is None
+    assert ledger.admit("next", "Low", 100.0, now=100.0) is not None
     ledger.finish("r0", "Low", seconds=0.5)
     ledger.finish("r1", "Low", seconds=None)  # refused past its deadline: not computed, not measured
     assert ledger.arrival("r0") is None and ledger.arrival("r2") == 100.0
     with ledger.connect() as db:
         assert ledger.expected_seconds(db, "Low") == 0.5
         assert ledger.expected_seconds(db, "High") == FIRST_GUESS_SECONDS["High"]
-    assert ledger.admit("next", "Low", 100.0, 100.0) is None  # 7 ahead at 0.5 s now
+    assert ledger.admit("next", "Low", 100.0, now=100.0) is None  # 7 ahead at 0.5 s now
 
 
 def test_only_the_recent_durations_count(ledger: Ledger) -> None:
@@ -52,7 +55,7 @@ def test_only_the_recent_durations_count(ledger: Ledger) -> None:
 
 def test_entries_past_their_deadline_stop_counting(ledger: Ledger) -> None:
     for i in range(9):
-        assert ledger.admit(f"r{i}", "Low", 100.0, 100.0) is None
+        assert ledger.admit(f"r{i}", "Low", 100.0, now=100.0) is None
     assert ledger.admit("later", "Low", arrival=111.0, now=111.0) is None  # the nine are past 100 + 10 s
     assert ledger.arrival("r0") is None
 
@@ -65,10 +68,66 @@ def test_dead_workers_are_forgotten_and_without_workers_everything_is_admitted(t
     ledger = Ledger(tmp_path / "ledger.sqlite")
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     ledger.register_worker(deadline=1.0, pid=int(gone.stdout))
-    assert all(ledger.admit(f"r{i}", "High", 100.0, 100.0) is None for i in range(50))
+    ledger.register_worker(deadline=1.0, pool="another version")
+    assert all(ledger.admit(f"r{i}", "High", 100.0, now=100.0) is None for i in range(50))
     with ledger.connect() as db:
         assert ledger.workers(db) == (0, None)
 
 
 def test_explanation_kind() -> None:
     assert explanation_kind("gradcam", "High") == "gradcam" and explanation_kind("lime", "Low") == "Low"
+
+
+def lesion_body(fullres_images) -> dict:
+    import base64
+
+    return {"image": base64.b64encode(fullres_images[0].read_bytes()).decode(), "explain": True, "precision": "Low"}
+
+
+def test_the_admitting_server_refuses_at_once_with_the_wait(predictor, fullres_images, tmp_path: Path) -> None:
+    from skinlesion.service import Arrival, respond
+
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    ledger.register_worker(deadline=3.0, pool=predictor.arch)
+    now = time.time()
+    answers = respond(predictor, [lesion_body(fullres_images)] * 3, explanations_at="/explain",
+                      arrivals=[Arrival(f"r{i}", now) for i in range(3)], ledger=ledger)
+    # One worker, Low guessed at 2 s, 3 s deadline: the first fits, the next two would not.
+    assert [status for status, _ in answers] == [307, 503, 503]
+    assert answers[1][1]["retry_after"] >= 1 and "explanations are busy: 1 ahead" in answers[1][1]["error"]
+    assert set(answers[1][1]) == {"success", "error", "retry_after"} and answers[1][1]["success"] is False
+
+
+def test_an_explanation_picked_up_past_its_deadline_is_not_computed(predictor, fullres_images, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    import skinlesion.service
+    from skinlesion.service import Arrival, respond
+
+    calls = []
+    monkeypatch.setattr(skinlesion.service, "explanation_payload", lambda *a, **k: calls.append(1) or {})
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    ledger.register_worker(deadline=5.0, pool=predictor.arch)
+    with ledger.connect() as db:  # admitted 6 s ago by the batching server
+        db.execute("INSERT INTO admitted VALUES (?, ?, ?)", ("old", "Low", time.time() - 6.0))
+    [(status, answer)] = respond(predictor, [lesion_body(fullres_images)], arrivals=[Arrival("old", time.time())],
+                                 ledger=ledger, deadline=5.0)
+    # The admitting worker's arrival (6 s ago) counts, not the later one of the replay.
+    assert status == 503 and "waited 6 s" in answer["error"] and calls == []
+    assert ledger.arrival("old") is None
+
+
+def test_lime_stops_between_batches_at_the_deadline(predictor, fullres_images, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from skinlesion.service import Arrival, respond
+
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    batches = []
+    probabilities = predictor.probabilities
+    monkeypatch.setattr(predictor, "probabilities", lambda *a, **k: batches.append(1) or probabilities(*a, **k))
+    [(status, answer)] = respond(predictor, [{**lesion_body(fullres_images), "precision": "High"}],
+                                 arrivals=[Arrival("r", time.time() - 4.8)], ledger=ledger, deadline=5.0)
+    assert status == 503 and "did not finish within the 5 s" in answer["error"]
+    # High asks for 1,500 samples, 24 batches of 64: it stopped at the first batch after the deadline.
+    assert 1 <= len(batches) <= 3
+    with ledger.connect() as db:
+        assert db.execute("SELECT COUNT(*) FROM durations").fetchone()[0] == 0  # stopped work is not a duration

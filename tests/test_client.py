@@ -252,3 +252,19 @@ def test_the_answer_cache_is_bounded_and_keeps_no_pixel_arrays() -> None:
     assert "explain" not in cache.get("a")
     failed = {"success": False, "error": "busy"}
     assert cache.put("d", failed) == failed and cache.get("d") is None  # failures are asked again
+
+
+def test_a_busy_503_is_retried_after_its_retry_after(stub, sleeps: list[float]) -> None:
+    busy = b'{"success": false, "error": "explanations are busy: 3 ahead"}'
+    stub.answers = [(503, busy, {"Retry-After": "7"}), (503, busy, {"Retry-After": "5"}), OK]
+    told: list[tuple[float, str]] = []
+    answer = client.post_predict(stub.url, b"img", explain=True, on_busy=lambda s, m: told.append((s, m)))
+    assert answer["success"] is True and stub.hits == 3
+    assert sleeps == [7.0, 5.0] and told == [(7.0, "explanations are busy: 3 ahead"), (5.0, "explanations are busy: 3 ahead")]
+
+
+def test_busy_waits_are_bounded_in_all(stub, sleeps: list[float]) -> None:
+    stub.answers = [(503, b'{"success": false, "error": "explanations are busy"}', {"Retry-After": "200"})]
+    answer = client.post_predict(stub.url, b"img", explain=True, max_busy_wait=300)
+    assert answer["success"] is False and "gave up after waiting 200 s in all" in answer["error"]
+    assert sleeps == [200.0] and stub.hits == 2

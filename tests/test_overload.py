@@ -1,0 +1,90 @@
+"""More explanations at once than fit their deadline, through the real nginx and TorchServe: each is answered
+200, or refused with 503 at once; none times out; TorchServe computes exactly the ones answered 200.
+
+A service of its own whose explanation deadline is short (8 s instead of handler/explain-config.yaml's), so
+that LIME at Low precision overloads it in seconds."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import re
+import time
+import urllib.parse
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import yaml
+
+import serve
+from bench.load import client_address
+from tests.conftest import ROOT, Service
+
+DEADLINE_SECONDS = 8
+EXPLANATIONS = 12
+
+
+@pytest.fixture(scope="module")
+def short_deadline_service(checkpoints: Path, tmp_path_factory: pytest.TempPathFactory) -> Service:
+    folder = tmp_path_factory.mktemp("overload")
+    config = yaml.safe_load((ROOT / "handler" / "explain-config.yaml").read_text())
+    config["handler"]["deadline_seconds"] = DEADLINE_SECONDS
+    (folder / "explain-config.yaml").write_text(yaml.safe_dump(config))
+    build_store = folder / "model_store"
+    serve.build_archives(build_store, checkpoints, explain_config=folder / "explain-config.yaml")
+    run_dir = folder / "run"
+    run_dir.mkdir()
+    ports = serve.free_ports()
+    listen = f"127.0.0.1:{serve.free_port(tuple(ports.values()))}"
+    try:
+        url, management = serve.start_service(run_dir, build_store, ports, listen, "resnet34")
+        yield Service(url, management, "", "", run_dir, [])
+    finally:
+        serve.stop_service(run_dir)
+
+
+def explain(url: str, body: bytes, source: str) -> tuple[int, float, dict, dict]:
+    """(status, seconds, headers, JSON) of one explanation, sent from loopback address `source`."""
+    target = urllib.parse.urlsplit(url)
+    connection = http.client.HTTPConnection(target.hostname, target.port, timeout=120, source_address=(source, 0))
+    started = time.monotonic()
+    try:
+        connection.request("POST", "/predict", body, {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        payload = json.loads(response.read())
+        return response.status, time.monotonic() - started, dict(response.getheaders()), payload
+    finally:
+        connection.close()
+
+
+def computed(service: Service) -> int:
+    """Explanations the workers started computing, from their log."""
+    text = "".join(p.read_text() for p in (service.run_dir / "torchserve").glob("model_log.log*"))
+    return len(re.findall(r"explaining [0-9a-f]{32} \(Low\)", text))
+
+
+def test_explanations_beyond_the_deadline_are_refused_at_once_and_never_computed(short_deadline_service: Service,
+                                                                                  image_b64: str) -> None:
+    body = json.dumps({"image": image_b64, "explain": True, "precision": "Low"}).encode()
+    # Two at a time first: the ledger learns what an explanation takes on this machine.
+    with ThreadPoolExecutor(2) as pool:
+        warmup = list(pool.map(lambda i: explain(short_deadline_service.url, body, client_address(100 + i)), range(2)))
+    assert [status for status, *_ in warmup] == [200, 200]
+    before = computed(short_deadline_service)
+
+    with ThreadPoolExecutor(EXPLANATIONS) as pool:
+        answers = list(pool.map(lambda i: explain(short_deadline_service.url, body, client_address(i)), range(EXPLANATIONS)))
+    statuses = [status for status, *_ in answers]
+    assert set(statuses) <= {200, 503}, statuses
+    assert statuses.count(200) >= 2 and statuses.count(503) >= 2, statuses  # it was overloaded, and still served
+    for status, seconds, headers, payload in answers:
+        if status == 503:
+            assert seconds < 1.0, f"refused after {seconds:.1f} s: {payload}"
+            assert payload["success"] is False and payload["error"].startswith("explanations are busy")
+            assert int(headers["Retry-After"]) >= 1
+        else:
+            assert payload["success"] is True and payload["explanation"]["precision"] == "Low"
+            assert seconds < DEADLINE_SECONDS + 2
+    time.sleep(2)  # the workers' last log lines
+    assert computed(short_deadline_service) - before == statuses.count(200)
