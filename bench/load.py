@@ -3,6 +3,7 @@
     .venv/bin/python bench/load.py --start [--requests 400] [--concurrency 16] [--explain-every 10]
     .venv/bin/python bench/load.py --url http://127.0.0.1:8089 --management-url http://127.0.0.1:8081 ...
     ... --kill-worker-after 50     SIGKILL a worker of the default version once 50 answers are in
+    .venv/bin/python bench/load.py --start --overload 24 [--precision High] [--client-timeout 200]
 
 --start runs its own service (serve.py's functions, free loopback ports, archives built from the weights
 in --weights-dir) and stops it afterwards. A mix of plain predictions and LIME explanations at Low goes
@@ -12,6 +13,12 @@ gives, per request kind: successes, failures by status, malformed answers (not a
 success without its fields), requests without an answer (timeouts, resets), p50/p99 latency. With
 --kill-worker-after, it also gives how long TorchServe took to replace the worker.
 Exit status 0 when every request was answered with a well-formed envelope, 1 otherwise.
+
+--overload N sends N explanations of one photo at once, each from its own client address, with a plain
+prediction every 0.5 s beside them, and waits until the explanation workers are done with all of them. It
+prints the explanations answered (goodput per minute), refused (503), timed out (504 or no answer within
+--client-timeout), and, with --start, the worker seconds spent on explanations nobody received (from the
+workers' log: each computed or stopped explanation and its time, against the request ids clients got back).
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import base64
 import http.client
 import json
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -245,6 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=Path, default=DATA, help="folder of .jpg photos to send")
     parser.add_argument("--kill-worker-after", type=int, metavar="N",
                         help="SIGKILL a worker of the default version after N answers")
+    parser.add_argument("--overload", type=int, metavar="N", help="N explanations at once instead of the mixed load")
+    parser.add_argument("--precision", default="High", help="the --overload explanations' precision")
+    parser.add_argument("--client-timeout", type=float, default=200.0, help="seconds an --overload client waits")
     args = parser.parse_args(argv)
     # TorchServe daemonizes: a SIGTERM must still reach the `finally` that stops the service this starts.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -260,10 +271,101 @@ def main(argv: list[str] | None = None) -> int:
                                                       f"127.0.0.1:{serve.free_port(tuple(ports.values()))}", args.model)
             else:
                 url, management = args.url.rstrip("/"), args.management_url.rstrip("/")
+            if args.overload:
+                return overload(url, images[0], args.overload, args.precision, args.client_timeout,
+                                run_dir / "torchserve" if args.start else None)
             return run(args, url, management, images)
         finally:
             if args.start:
                 serve.stop_service(run_dir)
+
+
+def overload(url: str, image: bytes, count: int, precision: str, client_timeout: float,
+             log_dir: Path | None) -> int:
+    """The overload scenario (--overload); returns the exit status."""
+    target = urllib.parse.urlsplit(url)
+    body = json.dumps({"image": base64.b64encode(image).decode(), "explain": True, "precision": precision}).encode()
+    plain_body = json.dumps({"image": base64.b64encode(image).decode()}).encode()
+    done = threading.Event()
+    plain: list[Outcome] = []
+
+    def explain(number: int) -> tuple[Outcome, str]:
+        connection = http.client.HTTPConnection(target.hostname, target.port, timeout=client_timeout,
+                                                source_address=(client_address(number), 0))
+        started = time.monotonic()
+        try:
+            connection.request("POST", "/predict", body, {"Content-Type": "application/json"})
+            response = connection.getresponse()
+            content = response.read()
+        except (OSError, http.client.HTTPException) as exc:
+            return Outcome("explain", started, time.monotonic() - started, None, "no answer", type(exc).__name__), ""
+        finally:
+            connection.close()
+        verdict, detail = judge(response.status, content, True)
+        outcome = Outcome("explain", started, time.monotonic() - started, response.status, verdict, detail)
+        return outcome, response.getheader("X-Request-Id", "")
+
+    def plain_client() -> None:
+        connection = http.client.HTTPConnection(target.hostname, target.port, source_address=(client_address(count), 0))
+        while not done.wait(0.5):
+            plain.append(send(connection, plain_body, False, 30.0))
+        connection.close()
+
+    watcher = threading.Thread(target=plain_client)
+    watcher.start()
+    started = time.monotonic()
+    try:
+        with ThreadPoolExecutor(count) as pool:
+            answers = list(pool.map(explain, range(count)))
+    finally:
+        done.set()
+        watcher.join()
+    wall = time.monotonic() - started
+    outcomes = [o for o, _ in answers]
+    received = {request_id for o, request_id in answers if o.status == 200}
+    answered = sum(o.status == 200 for o in outcomes)
+    refused = sum(o.status == 503 for o in outcomes)
+    timed_out = sum(o.status in (None, 504) for o in outcomes)
+    print(f"overload: {count} {precision} explanations at once, client timeout {client_timeout:g} s, "
+          f"a plain prediction every 0.5 s")
+    print(f"explanations: {answered} answered ({answered / wall * 60:.1f} per minute over {wall:.0f} s), {refused} refused "
+          f"(503), {timed_out} timed out, {count - answered - refused - timed_out} other "
+          f"({', '.join(sorted({str(o.status) for o in outcomes}))})")
+    for label, rows in (("answered", [o for o in outcomes if o.status == 200]),
+                        ("refused", [o for o in outcomes if o.status == 503])):
+        if rows:
+            seconds = [o.seconds for o in rows]
+            print(f"  {label}: p50 {percentile(seconds, 50):.1f} s, max {max(seconds):.1f} s")
+    if plain:
+        seconds = [o.seconds for o in plain]
+        ok = sum(o.verdict == "ok" for o in plain)
+        print(f"plain predictions: {len(plain)}, {ok} ok, p50 {percentile(seconds, 50):.2f} s, max {max(seconds):.2f} s")
+    if log_dir is not None:
+        reached = count - refused - sum(o.status == 429 for o in outcomes)
+        work = explanation_work(log_dir, reached)
+        spent = sum(work.values())
+        wasted = {rid: s for rid, s in work.items() if rid not in received}
+        print(f"worker seconds on explanations: {spent:.0f} s on {len(work)}; nobody received {len(wasted)} of them: "
+              f"{sum(wasted.values()):.0f} s")
+    malformed = sum(o.verdict == "malformed" for o in outcomes + plain)
+    return 0 if malformed == 0 else 1
+
+
+def explanation_work(log_dir: Path, reached: int, timeout: float = 900.0) -> dict[str, float]:
+    """Request id -> worker seconds spent on it, from the workers' log, once `reached` explanations are done."""
+    pattern = re.compile(r"explan\w+ ([0-9a-f]{32}) \(\w+\) (?:in|stopped at its deadline after|not computed: it waited) "
+                         r"([\d.]+) s")
+    deadline = time.monotonic() + timeout
+    while True:
+        text = "".join(p.read_text(errors="replace") for p in sorted(log_dir.glob("model_log.log*")))
+        done = {}
+        for line in text.splitlines():
+            match = pattern.search(line)
+            if match:
+                done[match[1]] = 0.0 if "not computed" in line else float(match[2])
+        if len(done) >= reached or time.monotonic() > deadline:
+            return done
+        time.sleep(2)
 
 
 def run(args: argparse.Namespace, url: str, management: str, images: list[bytes]) -> int:

@@ -213,6 +213,8 @@ def explain(predictor: Predictor, image: Image.Image, request: PredictRequest, a
     computed = None
     try:
         if until is not None and started > until:
+            log.info("explanation %s (%s) not computed: it waited %.2f s", arrival.request_id or "-", kind,
+                     started - arrived)
             return busy(f"this explanation waited {started - arrived:.0f} s, past the {deadline:g} s an explanation may "
                         "take, and was not computed; retry later, or use method gradcam", max(1, round(deadline / 4)))
         label = CLASS_NAMES.index(answer[1]["prediction"])
