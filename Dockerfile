@@ -28,7 +28,9 @@ RUN ARCHIVER=torch-model-archiver ./archive.sh && rm model_store/*.pt
 RUN useradd --create-home --uid 10001 skin && mkdir logs && chown skin logs
 USER skin
 
-ENV MODEL=resnet34 PYTHONUNBUFFERED=1
+# PYTHONPATH: the page (frontend/app.py) imports client and skinlesion from /app, as the editable install
+# of setup.sh provides them locally.
+ENV MODEL=resnet34 PYTHONUNBUFFERED=1 PYTHONPATH=/app
 EXPOSE 8080 8501
 ENTRYPOINT ["tini", "-g", "--"]
 CMD ["python", "serve.py", "torchserve", "--bind", "0.0.0.0"]

@@ -26,11 +26,19 @@ from pathlib import Path
 import requests
 from tqdm import tqdm
 
-DEFAULT_URL = "http://127.0.0.1:8089/predict"
-DEFAULT_MANAGEMENT_URL = "http://127.0.0.1:8081"
-# Seconds to wait for an answer: plain predictions, or explanations per precision. TorchServe gives
-# up after 180 s and nginx after 200 s, so for High the server reports its own timeout first.
-TIMEOUTS = {"plain": 30.0, "Low": 60.0, "Medium": 120.0, "High": 240.0}
+from skinlesion.options import (
+    ARCHITECTURE_NAMES,
+    DEFAULT_MANAGEMENT_URL,
+    DEFAULT_PREDICT_URL,
+    METHODS,
+    PRECISIONS,
+    TORCHSERVE_MODELS,
+)
+
+# Seconds to wait for an answer. An explanation is answered within its deadline (120 s, or refused at once
+# when it cannot make it), and nginx gives up after 200 s: the client waits a little longer than nginx, so the
+# server's own answer always arrives first.
+TIMEOUTS = {"plain": 30.0, "explain": 210.0}
 # 502/503: TorchServe down or restarting. 500/507: what TorchServe answers for the request a crashed worker
 # held ("Worker died.", 507 when it has seen exit status 137, else 500); nginx's 500 envelope says "try
 # again". Predictions are idempotent, so a retry is safe; a request the model itself fails on (also 500)
@@ -39,10 +47,6 @@ RETRY_STATUSES = (500, 502, 503, 507)
 BACKOFF = 0.5  # seconds before the first retry, doubled for each next one: 0.5, 1, 2
 # A 503 with Retry-After ("explanations are busy") is retried after that many seconds, up to this long in all.
 MAX_BUSY_WAIT = 300.0
-# The server's choices (skinlesion.service, serve.py), repeated here so the client never imports torch.
-PRECISIONS = ("Low", "Medium", "High")
-METHODS = ("lime", "gradcam")
-MODELS = ("resnet18", "resnet34")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
 # The largest image the API takes: 15 MiB is 20 MiB in base64, under nginx's 21 MiB body limit (proxy/nginx.conf;
 # .streamlit/config.toml's maxUploadSize repeats it for the page, and a test checks the three agree).
@@ -71,7 +75,7 @@ def post_predict(url: str, image: bytes, explain: bool = False, precision: str =
     the seconds it names while the waits add up to at most `max_busy_wait`, calling on_busy(seconds, message)
     before each; other trouble raises ClientError."""
     if timeout is None:
-        timeout = TIMEOUTS.get(precision.capitalize(), TIMEOUTS["High"]) if explain else TIMEOUTS["plain"]
+        timeout = TIMEOUTS["explain"] if explain else TIMEOUTS["plain"]
     body = {"image": encode_image(image), "explain": explain, "precision": precision, "method": method}
     attempt, busy_waited = 0, 0.0
     while True:
@@ -164,20 +168,29 @@ def get_model_card(predict_url: str, timeout: float = 10.0) -> dict:
     return read_envelope(url, response)
 
 
-def use_model(management_url: str, version: str) -> str:
-    """Make `version` the default of the "skin" model in TorchServe; returns the default it now reports."""
-    from serve import http_json, set_default  # here, not at the top: serve.py imports torch
+def set_default(management_url: str, version: str) -> dict:
+    """Make `version` the default of every TorchServe model (plain predictions and explanations switch
+    together) through the management API; returns TorchServe's answer per model."""
+    answers = {}
+    for model in TORCHSERVE_MODELS:
+        response = requests.put(f"{management_url}/models/{model}/{version}/set-default", timeout=10)
+        answers[model] = response.json() if response.content else None
+        if response.status_code != 200:
+            raise RuntimeError(f"set-default {model} {version} failed ({response.status_code}): {answers[model]}")
+    return answers
 
+
+def use_model(management_url: str, version: str) -> str:
+    """Make `version` the default of the "skin" models in TorchServe; returns the default it now reports."""
     management_url = management_url.rstrip("/")
     try:
         set_default(management_url, version)
-        status, described = http_json("GET", f"{management_url}/models/skin")
-    except (OSError, ValueError, RuntimeError) as exc:
-        detail = f"unreachable ({reason(exc)})" if isinstance(exc, OSError) else str(exc)
+        described = requests.get(f"{management_url}/models/skin", timeout=10)
+    except (requests.RequestException, ValueError, RuntimeError) as exc:
+        detail = f"unreachable ({reason(exc)})" if isinstance(exc, requests.ConnectionError) else str(exc)
         raise ClientError(f"cannot switch the model at {management_url}: {detail}") from None
-    if status == 200 and isinstance(described, list) and described:
-        return described[0].get("modelVersion", version)
-    return version
+    versions = described.json() if described.status_code == 200 else []
+    return versions[0].get("modelVersion", version) if isinstance(versions, list) and versions else version
 
 
 def expand_inputs(args: list[str]) -> tuple[list[Path], list[str]]:
@@ -281,8 +294,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, metavar="DIR", help="directory for the explanation images (<image-stem>_explain.png)")
     parser.add_argument("--json", action="store_true", help="print one JSON object per image and line")
     parser.add_argument("--workers", type=positive_int, default=1, metavar="N", help="concurrent requests (default 1)")
-    parser.add_argument("--url", default=os.environ.get("SKIN_API_URL", DEFAULT_URL), help="the /predict URL ($SKIN_API_URL)")
-    parser.add_argument("--use-model", choices=MODELS, help="switch the service's default model version first")
+    parser.add_argument("--url", default=os.environ.get("SKIN_API_URL", DEFAULT_PREDICT_URL),
+                        help="the /predict URL ($SKIN_API_URL)")
+    parser.add_argument("--use-model", choices=ARCHITECTURE_NAMES, help="switch the service's default model version first")
     parser.add_argument("--model-card", action="store_true",
                         help="print the served model's card (GET /model: metrics, calibration, thresholds) as JSON")
     parser.add_argument("--management-url", default=os.environ.get("SKIN_MANAGEMENT_URL", DEFAULT_MANAGEMENT_URL),

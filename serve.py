@@ -26,13 +26,12 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from skinlesion.model import ARCHITECTURES
+from client import set_default
+from skinlesion.options import ARCHITECTURE_NAMES, DEFAULT_MANAGEMENT_URL, DEFAULT_PORTS, TORCHSERVE_MODELS
 
 ROOT = Path(__file__).resolve().parent
 NGINX_TEMPLATE = ROOT / "proxy" / "nginx.conf"
-DEFAULT_PORTS = {"port": 8089, "inference": 8080, "management": 8081, "metrics": 8082, "grpc": 7070}
-# TorchServe models, one version per architecture each (archive.sh): plain predictions, and explanations.
-MODELS = ("skin", "skin-explain")
+MODELS = TORCHSERVE_MODELS
 
 
 def render_nginx_conf(listen: str, upstreams: list[str], run_dir: Path, log_dir: Path) -> str:
@@ -101,21 +100,10 @@ def versions_ready(management: str, models: tuple[str, ...] = MODELS) -> bool:
     """Whether each of `models` has every version registered, each with its workers up."""
     for model in models:
         status, versions = http_json("GET", f"{management}/models/{model}/all")
-        if not (status == 200 and len(versions) == len(ARCHITECTURES) and all(v["workers"] for v in versions)
+        if not (status == 200 and len(versions) == len(ARCHITECTURE_NAMES) and all(v["workers"] for v in versions)
                 and all(w["status"] == "READY" for v in versions for w in v["workers"])):
             return False
     return True
-
-
-def set_default(management: str, version: str) -> dict:
-    """Make `version` the default of every model (plain predictions and explanations switch together);
-    returns TorchServe's answer per model."""
-    answers = {}
-    for model in MODELS:
-        status, answers[model] = http_json("PUT", f"{management}/models/{model}/{version}/set-default")
-        if status != 200:
-            raise RuntimeError(f"set-default {model} {version} failed ({status}): {answers[model]}")
-    return answers
 
 
 def build_archives(model_store: Path, weights_dir: Path = ROOT / "model_store", model_config: Path | None = None,
@@ -133,7 +121,7 @@ def build_archives(model_store: Path, weights_dir: Path = ROOT / "model_store", 
 
 def torchserve_command(model_store: Path) -> list[str]:
     """The TorchServe command line of the local run and the container: every version of every model."""
-    archives = [f"{model}-{arch}.mar" for model in MODELS for arch in ARCHITECTURES]
+    archives = [f"{model}-{arch}.mar" for model in MODELS for arch in ARCHITECTURE_NAMES]
     return [str(Path(sys.executable).parent / "torchserve"), "--start", "--ncs", "--ts-config", str(ROOT / "config.properties"),
             "--log-config", str(ROOT / "log4j2.xml"), "--model-store", str(model_store), "--models", *archives]
 
@@ -299,10 +287,10 @@ def main(argv: list[str] | None = None) -> None:
             p.add_argument("--metrics-port", type=int, default=DEFAULT_PORTS["metrics"])
             p.add_argument("--grpc-port", type=int, default=DEFAULT_PORTS["grpc"], help="and the next one")
             p.add_argument("--model-store", type=Path, default=ROOT / "model_store")
-            p.add_argument("--model", choices=sorted(ARCHITECTURES), default=os.environ.get("MODEL", "resnet34"))
+            p.add_argument("--model", choices=ARCHITECTURE_NAMES, default=os.environ.get("MODEL", "resnet34"))
     p = sub.add_parser("set-default", help="switch the default model version at runtime")
-    p.add_argument("version", choices=sorted(ARCHITECTURES))
-    p.add_argument("--management-url", default=f"http://127.0.0.1:{DEFAULT_PORTS['management']}")
+    p.add_argument("version", choices=ARCHITECTURE_NAMES)
+    p.add_argument("--management-url", default=DEFAULT_MANAGEMENT_URL)
     args = parser.parse_args(argv)
     if args.command == "start":
         start(args)

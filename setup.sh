@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install what this project needs on a fresh Debian machine (idempotent, quick when done already):
-# a virtual environment with the pinned requirements, Java 17 and nginx; with --dev, the test tools too.
+# a virtual environment with the pinned requirements and this project (editable), Java 17 and nginx; with
+# --dev, the test tools too.
 set -euo pipefail
 cd "$(dirname "$0")"
 requirements=requirements.txt
@@ -22,9 +23,11 @@ if [ ${#missing[@]} -gt 0 ]; then
   fi
 fi
 
-stamp=.venv/.installed-$(cat "$requirements" requirements.txt | sha1sum | cut -c1-12)
+stamp=.venv/.installed-$(cat "$requirements" requirements.txt pyproject.toml | sha1sum | cut -c1-12)
 if [ ! -f "$stamp" ]; then
   [ -x .venv/bin/python ] || python3 -m venv .venv
   .venv/bin/pip install -q --disable-pip-version-check -r "$requirements"
+  # The project itself, editable: skinlesion, training, bench, client and serve import from anywhere.
+  .venv/bin/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
   touch "$stamp"
 fi

@@ -34,11 +34,8 @@ import numpy as np
 import requests
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # so that `python bench/budget.py` finds serve.py without PYTHONPATH
-
-import serve  # noqa: E402
-from bench.load import DATA, client_address  # noqa: E402
+import serve
+from bench.load import DATA, client_address
 
 MEMORY_LIMIT_BYTES = 1.5 * 2**30
 TIME_RATIO_LIMIT = 3.0

@@ -25,13 +25,12 @@ import torch
 from lime import lime_image
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # so that `python bench/explain.py` finds the package without PYTHONPATH
+from skinlesion import explain
+from skinlesion.image import resize
+from skinlesion.model import DEFAULT_IMAGE_SIZE, build_model
+from skinlesion.predictor import Predictor
 
-from skinlesion import explain  # noqa: E402
-from skinlesion.image import resize  # noqa: E402
-from skinlesion.model import DEFAULT_IMAGE_SIZE, build_model  # noqa: E402
-from skinlesion.predictor import Predictor  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 LEVELS = tuple(explain.PRECISION_SETTINGS)
 BATCH_SIZES = (1, 8, 16, 32, 64, 128)

@@ -41,10 +41,10 @@ from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # so that `python bench/load.py` finds serve.py without PYTHONPATH
+import serve
+from skinlesion.options import DEFAULT_MANAGEMENT_URL
 
-import serve  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 DATA = Path(os.environ.get("SKIN_DATA_DIR", ROOT.parent / "shared" / "data")) / "ham10000-fullres"
 CLASS_COUNT = 7
@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--url", help="the service's base URL (http://host:port), already running")
     target.add_argument("--start", action="store_true", help="start a service on free ports and stop it afterwards")
-    parser.add_argument("--management-url", default="http://127.0.0.1:8081", help="TorchServe's management API (with --url)")
+    parser.add_argument("--management-url", default=DEFAULT_MANAGEMENT_URL, help="TorchServe's management API (with --url)")
     parser.add_argument("--weights-dir", type=Path, default=ROOT / "model_store",
                         help="state dicts that --start builds its archives from")
     parser.add_argument("--explain-config", type=Path, default=None,
@@ -353,8 +353,8 @@ def overload(url: str, image: bytes, count: int, precision: str, client_timeout:
 
 def explanation_work(log_dir: Path, reached: int, timeout: float = 900.0) -> dict[str, float]:
     """Request id -> worker seconds spent on it, from the workers' log, once `reached` explanations are done."""
-    pattern = re.compile(r"explan\w+ ([0-9a-f]{32}) \(\w+\) (?:in|stopped at its deadline after|not computed: it waited) "
-                         r"([\d.]+) s")
+    pattern = re.compile(r"(?:explained|explanation) ([0-9a-f]{32}) \(\w+\) "
+                         r"(?:in|stopped at its deadline after|not computed: it waited) ([\d.]+) s")
     deadline = time.monotonic() + timeout
     while True:
         text = "".join(p.read_text(errors="replace") for p in sorted(log_dir.glob("model_log.log*")))

@@ -27,12 +27,9 @@ import urllib.parse
 from collections import Counter
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # so that `python bench/soak.py` finds serve.py without PYTHONPATH
-
-import serve  # noqa: E402
-from bench.budget import worker_pids  # noqa: E402
-from bench.load import DATA, client_address, load_images, send  # noqa: E402
+import serve
+from bench.budget import worker_pids
+from bench.load import DATA, client_address, load_images, send
 
 GROWTH_LIMIT = 0.05
 

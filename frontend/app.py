@@ -9,27 +9,23 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
-import sys
-from pathlib import Path
 
 import altair as alt
 import pandas as pd
 import streamlit as st
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root, for client.py
-from client import MAX_UPLOAD_MB, AnswerCache, ClientError, get_model_card, post_predict  # noqa: E402
+from client import MAX_UPLOAD_MB, AnswerCache, ClientError, get_model_card, post_predict
+from skinlesion.options import DEFAULT_PREDICT_URL, EXPECTED_SECONDS, METHODS, PRECISIONS
 
-API_URL = os.environ.get("SKIN_API_URL", "http://127.0.0.1:8089/predict")
+API_URL = os.environ.get("SKIN_API_URL", DEFAULT_PREDICT_URL)
 # Answers kept per browser session (an explanation's PNG is up to about 1 MB).
 CACHED_ANSWERS = 32
 
-# Rough server-side wait per image, in seconds, shown in the spinner.
-EXPECTED_SECONDS = {"predict": 1, "gradcam": 1, "Low": 5, "Medium": 15, "High": 40}
-METHODS = {"lime": "LIME", "gradcam": "Grad-CAM"}
-PRECISIONS = ("Low", "Medium", "High")
+METHOD_NAMES = {"lime": "LIME", "gradcam": "Grad-CAM"}
 
 
-def expected_seconds(explain: bool, method: str, precision: str) -> int:
+def expected_seconds(explain: bool, method: str, precision: str) -> float:
+    """One request's work on an idle server (the wait grows with the queue)."""
     if not explain:
         return EXPECTED_SECONDS["predict"]
     return EXPECTED_SECONDS["gradcam" if method == "gradcam" else precision]
@@ -95,7 +91,7 @@ def show_explanation(answer: dict) -> None:
     if not explanation or not explanation.get("image_png"):
         st.warning("The server sent no explanation for this image.")
         return
-    caption = f"{METHODS.get(explanation.get('method'), explanation.get('method'))} explanation"
+    caption = f"{METHOD_NAMES.get(explanation.get('method'), explanation.get('method'))} explanation"
     if explanation.get("method") == "lime":
         caption += f" ({explanation.get('precision')}, {explanation.get('num_samples')} samples)"
     if explanation.get("seconds") is not None:
@@ -110,12 +106,12 @@ st.warning("Research tool, not a diagnosis. Do not use it to make medical decisi
 with st.sidebar:
     st.header("Options")
     explain = st.toggle("Explain the prediction", value=False)
-    method = st.radio("Method", list(METHODS), format_func=METHODS.get, horizontal=True)
+    method = st.radio("Method", METHODS, format_func=METHOD_NAMES.get, horizontal=True)
     precision = st.radio("Precision (LIME)", PRECISIONS, index=1, horizontal=True, disabled=method == "gradcam")
     st.caption(
         "Expected wait per image: "
-        + ", ".join(f"{level} ~{EXPECTED_SECONDS[level]} s" for level in PRECISIONS)
-        + f"; Grad-CAM ~{EXPECTED_SECONDS['gradcam']} s."
+        + ", ".join(f"{level} ~{EXPECTED_SECONDS[level]:.0f} s" for level in PRECISIONS)
+        + f"; Grad-CAM ~{EXPECTED_SECONDS['gradcam']:.0f} s, on an idle server."
     )
     st.caption(f"Server: `{API_URL}`")
     show_model_card(model_card(API_URL))
@@ -128,7 +124,7 @@ for upload in uploads or []:
     image = upload.getvalue()
     wait = expected_seconds(explain, method, precision)
     busy = st.empty()
-    with st.spinner(f"Asking the server about {upload.name} (expected wait ~{wait} s)...", show_time=True):
+    with st.spinner(f"Asking the server about {upload.name} (expected wait ~{wait:.0f} s)...", show_time=True):
         try:
             answer = classify(image, explain, method, precision,
                               lambda seconds, message, busy=busy: busy.info(f"Busy, retrying in {seconds:.0f} s: {message}"))

@@ -27,7 +27,6 @@ from pathlib import Path
 import atheris
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 with atheris.instrument_imports(include=["PIL", "skinlesion"]):
     from PIL import Image

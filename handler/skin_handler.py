@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from ts.metrics.metric_type_enum import MetricTypes
 
 from skinlesion.admission import Ledger
 from skinlesion.predictor import Predictor
@@ -16,6 +17,10 @@ from skinlesion.service import Arrival, respond, respond_instances
 
 log = logging.getLogger(__name__)
 BUSY_STATUS = HTTPStatus.LOCKED
+# TorchServe metrics (Prometheus counters on the metrics API, per model): the handler's milliseconds per stage
+# summed over requests, and the requests and batches they cover; bench/serving.py divides them.
+TIMER_METRIC = "Handler{stage}Milliseconds"
+REQUESTS_METRIC, BATCHES_METRIC = "HandlerRequests", "HandlerBatches"
 
 
 def is_request_rows(data: Any, context: Any) -> bool:
@@ -36,6 +41,15 @@ def arrival(context: Any, idx: int) -> Arrival:
     except ValueError:
         seconds = time.time()
     return Arrival(str(headers.get("x-request-id", "")), seconds)
+
+
+def record_timings(context: Any, timings: dict[str, float], requests: int) -> None:
+    """The batch's stage timings (decode, preprocess, forward: milliseconds for the whole batch) as counters."""
+    for stage, milliseconds in timings.items():
+        context.metrics.add_metric(TIMER_METRIC.format(stage=stage.capitalize()), milliseconds, "ms",
+                                   metric_type=MetricTypes.COUNTER)
+    context.metrics.add_counter(REQUESTS_METRIC, requests)
+    context.metrics.add_counter(BATCHES_METRIC, 1)
 
 
 def worker_device(gpu_id: int | str | None) -> str:
@@ -78,8 +92,7 @@ class SkinHandler:
         arrivals = [arrival(context, idx) for idx in range(len(data))]
         answers = respond(self.predictor, [row.get("body", row.get("data")) for row in data], timings, self.explanations_at,
                           arrivals, self.ledger, self.deadline)
-        # One line per batch in model_log.log: bench/serve.py splits the served latency with it.
-        log.info("handler_ms batch=%d %s", len(data), " ".join(f"{k}={v:.2f}" for k, v in timings.items()))
+        record_timings(context, timings, len(data))
         for idx, (status, payload) in enumerate(answers):
             if "retry_after" in payload:
                 # "Busy" goes out as 423: nginx answers it 503 with our message (proxy/nginx.conf @busy), while

@@ -24,9 +24,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-# Seconds per explanation before any has been measured on this machine: bench/explain.py's figures on the
-# project's 2-core CPU, resnet34, one torch thread (Grad-CAM 0.5 s; LIME Low, Medium, High).
-FIRST_GUESS_SECONDS = {"gradcam": 0.6, "Low": 2.0, "Medium": 6.4, "High": 19.0}
+from skinlesion.options import EXPECTED_SECONDS as FIRST_GUESS_SECONDS
+
 # Durations kept per kind for the median.
 RECENT_DURATIONS = 20
 LEDGER_NAME = "skin-explanations.sqlite"

@@ -24,9 +24,8 @@ from skimage.segmentation import mark_boundaries, slic
 from skinlesion.admission import DeadlinePassed
 from skinlesion.image import normalize, resize
 from skinlesion.model import CLASS_NAMES
+from skinlesion.options import METHODS
 from skinlesion.predictor import Predictor
-
-METHODS = ("lime", "gradcam")
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ import warnings
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF")
@@ -116,3 +117,24 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
 def preprocess(image: Image.Image, image_size: tuple[int, int]) -> torch.Tensor:
     """The model input for one RGB image: the same function for training, evaluation and serving."""
     return normalize(resize(image, image_size))
+
+
+# Training augmentation (dermoscopy has no up or down): what train_transform draws from.
+ROTATION_DEGREES = 30.0
+CROP_SCALE = (0.4, 1.0)  # share of the photo a random crop keeps
+CROP_ASPECT_JITTER = (0.8, 1.25)  # times the photos' own aspect
+COLOUR_JITTER = {"brightness": 0.2, "contrast": 0.2, "saturation": 0.2, "hue": 0.02}
+
+
+def train_transform(image_size: tuple[int, int], rotation: float = ROTATION_DEGREES) -> v2.Compose:
+    """The training preset for decoded uint8 photos (CxHxW): rotation, a random crop resized to the model's
+    input, flips and colour jitter. `normalize` then turns it into model input, as `preprocess` does."""
+    height, width = image_size
+    aspect = width / height
+    return v2.Compose([
+        v2.RandomRotation(rotation),
+        v2.RandomResizedCrop(image_size, scale=CROP_SCALE, ratio=tuple(aspect * r for r in CROP_ASPECT_JITTER)),
+        v2.RandomHorizontalFlip(),
+        v2.RandomVerticalFlip(),
+        v2.ColorJitter(**COLOUR_JITTER),
+    ])

@@ -17,14 +17,14 @@ from typing import Any
 from PIL import Image
 
 from skinlesion.admission import DeadlinePassed, Ledger, explanation_kind
-from skinlesion.explain import METHODS, PRECISION_SETTINGS, explanation_payload
+from skinlesion.explain import explanation_payload
 from skinlesion.image import ImageError, decode_image
 from skinlesion.model import CLASS_NAMES
+from skinlesion.options import METHODS, PRECISIONS
 from skinlesion.predictor import Predictor
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = tuple(PRECISION_SETTINGS)
 # KServe v1 "instances" per request, and how many of them may ask for an explanation: a list of tiny images
 # would otherwise become gigabytes of model input, or hold a worker for many explanations in a row.
 MAX_INSTANCES = 16
@@ -111,7 +111,7 @@ def parse_request(body: Any) -> PredictRequest:
 
 def decode_base64(text: str) -> bytes:
     """Strict base64, also line-wrapped (`base64` without -w0); the whitespace scan only runs when the
-    plain decode fails: it ran over every photo, 1.8% of a worker's time (README, Performance)."""
+    plain decode fails: it ran over every photo, 1.8% of a worker's time (docs/performance.md)."""
     try:
         return base64.b64decode(text, validate=True)
     except ValueError:  # binascii.Error (bad characters, padding) is one; line-wrapped text ends here too

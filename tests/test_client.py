@@ -186,11 +186,11 @@ def test_post_predict_unreachable_raises_client_error_after_retries(sleeps: list
 
 def test_post_predict_timeout_raises_client_error(monkeypatch: pytest.MonkeyPatch) -> None:
     def slow(*args, **kwargs):
-        assert kwargs["timeout"] == client.TIMEOUTS["High"]
+        assert kwargs["timeout"] == client.TIMEOUTS["explain"]
         raise requests.ReadTimeout("read timed out")
 
     monkeypatch.setattr(client.requests, "post", slow)
-    with pytest.raises(client.ClientError, match="did not answer within 240 s"):
+    with pytest.raises(client.ClientError, match="did not answer within 210 s"):
         client.post_predict("http://127.0.0.1:9/predict", b"image", explain=True, precision="High")
 
 

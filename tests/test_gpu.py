@@ -1,6 +1,6 @@
 """The GPU path: TorchServe's GPU id picks each worker's device, and CUDA answers match the CPU's.
 
-The CUDA tests run where torch sees a GPU (README, Performance: On a GPU, ran them on an H200) and are
+The CUDA tests run where torch sees a GPU (docs/performance.md, On a GPU, ran them on an H200) and are
 skipped elsewhere; the device choice and the served workers' device are checked everywhere.
 """
 

@@ -64,6 +64,32 @@ def test_full_size_image_gets_a_success_envelope(service, image_b64) -> None:
     assert sum(body["probabilities"].values()) == pytest.approx(1, abs=1e-4)
 
 
+def test_the_handler_times_its_stages_in_torchserve_metrics(service, image_b64) -> None:
+    from bench.serving import handler_ms, skin_counters
+
+    def counters() -> dict[str, float]:
+        return skin_counters(requests.get(f"{service.metrics_url}/metrics", timeout=10).text)
+
+    before = counters()
+    for _ in range(3):
+        assert post(service, {"image": image_b64}).status_code == 200
+    time.sleep(1)  # the workers' metric lines reach the frontend asynchronously
+    after = counters()
+    assert after["HandlerRequests"] - before.get("HandlerRequests", 0) == 3
+    stages = handler_ms(before, after)
+    assert 1 <= stages["batch"] <= 3
+    assert stages["decode"] > 0 and stages["preprocess"] > 0 and stages["forward"] > stages["preprocess"]
+
+
+def test_every_answer_names_its_request_id(service, image_b64) -> None:
+    plain = post(service, {"image": image_b64})
+    explained = post(service, {"image": image_b64, "explain": True, "method": "gradcam"})
+    refused = post(service, {})
+    ids = [r.headers.get("X-Request-Id", "") for r in (plain, explained, refused)]
+    assert all(re.fullmatch(r"[0-9a-f]{32}", i) for i in ids) and len(set(ids)) == 3, ids
+    assert explained.status_code == 200 and refused.status_code == 400
+
+
 def test_data_url_and_any_content_type_are_accepted(service, image_b64) -> None:
     body = json.dumps({"image": f"data:image/jpeg;base64,{image_b64}"})
     response = requests.post(service.predict_url, data=body, headers={"Content-Type": "text/plain"}, timeout=60)
@@ -227,7 +253,7 @@ def frontend_pid(service) -> str:
 
 def test_torchserve_runs_with_the_jvm_options_of_config_properties(service) -> None:
     # TorchServe reads `vmargs` itself when it builds the java command line; the C1-only compiler they set is
-    # what keeps a fresh frontend's JIT warm-up short (config.properties, README Performance).
+    # what keeps a fresh frontend's JIT warm-up short (config.properties, docs/performance.md).
     vmargs = properties(ROOT / "config.properties")["vmargs"].split()
     command = Path(f"/proc/{frontend_pid(service)}/cmdline").read_bytes().decode().split("\0")
     jvm_options = command[: command.index("org.pytorch.serve.ModelServer")]
@@ -236,8 +262,8 @@ def test_torchserve_runs_with_the_jvm_options_of_config_properties(service) -> N
 
 
 def test_the_benchmark_sees_the_frontends_jit_compiler_threads(service) -> None:
-    # bench/serve.py warms up until these threads stop working: if it could not see them, it would stop at once.
-    from bench.serve import jit_compiler_seconds
+    # bench/serving.py warms up until these threads stop working: if it could not see them, it would stop at once.
+    from bench.serving import jit_compiler_seconds
 
     tasks = Path("/proc") / frontend_pid(service) / "task"
     ours = {thread: seconds for thread, seconds in jit_compiler_seconds().items() if (tasks / str(thread)).exists()}

@@ -303,15 +303,15 @@ def test_one_epoch_on_the_download_layout(tmp_path: Path) -> None:
 def test_resume_continues_after_an_interruption(trained: Trained, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
     """Interrupt epoch 2 of 2 after epoch 1's checkpoint; --resume finishes exactly as the uninterrupted run did."""
-    validate, calls = training_main.validate, []
+    evaluate, calls = training_main.evaluate, []
 
     def interrupted_in_epoch_two(*args, **kwargs):
         calls.append(1)
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return validate(*args, **kwargs)
+        return evaluate(*args, **kwargs)
 
-    monkeypatch.setattr(training_main, "validate", interrupted_in_epoch_two)
+    monkeypatch.setattr(training_main, "evaluate", interrupted_in_epoch_two)
     argv = [str(trained.root), *FAST, "--epochs", "2", "--modelname", str(tmp_path / "out" / "resnet18.pt"),
             "--checkpoint-dir", str(tmp_path / "runs")]
     with pytest.raises(KeyboardInterrupt):
@@ -320,7 +320,7 @@ def test_resume_continues_after_an_interruption(trained: Trained, tmp_path: Path
     assert saved["state"]["epoch"] == 1 and len(saved["state"]["history"]) == 1
     assert not (tmp_path / "out" / "resnet18.json").exists()
 
-    monkeypatch.setattr(training_main, "validate", validate)
+    monkeypatch.setattr(training_main, "evaluate", evaluate)
     capsys.readouterr()
     report = train(parse_args([*argv, "--resume"]))
     output = capsys.readouterr().out
@@ -338,6 +338,12 @@ def test_resume_continues_after_an_interruption(trained: Trained, tmp_path: Path
     output = capsys.readouterr().out
     assert "resumed after epoch 2" in output and "epoch   2/2" not in output
     assert again["history"] == report["history"]
+
+
+def test_flags_are_hyphenated_and_the_original_spellings_still_work() -> None:
+    for spelling in (["--model-name", "m.pt", "--fine-tune"], ["--modelname", "m.pt", "--fine_tune"]):
+        args = parse_args(["root", *spelling])
+        assert args.modelname == Path("m.pt") and args.fine_tune is True
 
 
 def test_recipe_levers_train_and_the_moving_average_is_what_is_saved(tmp_path: Path) -> None:

@@ -1,6 +1,9 @@
-"""Train a ResNet on HAM10000.
+"""Train a ResNet on HAM10000, in the shape of torchvision's references/classification/train.py.
 
-    python -m training [--epochs 15] [--modelname model_store/<type>.pt] [--fine_tune] [--type resnet34] root
+    python -m training ROOT [--type resnet34] [--epochs 15] [--model-name model_store/<type>.pt] [--fine-tune] ...
+
+The best epoch (by validation balanced accuracy) is saved, calibrated (training.calibrate) and scored once
+on the test split; beside it go <name>.json, <name>_confusion.png and <name>_curves.png.
 """
 
 from __future__ import annotations
@@ -17,20 +20,26 @@ from torch import nn
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from skinlesion.image import decode_image, normalize, resize
+from skinlesion.image import ROTATION_DEGREES, decode_image, normalize, resize, train_transform
 from skinlesion.model import ARCHITECTURES, CLASS_CODES, DEFAULT_IMAGE_SIZE, build_model, load_checkpoint, save_checkpoint
 from training.calibrate import calibrate_checkpoint, format_calibration
 from training.data import Sample, split_dataset
 from training.evaluate import compute_metrics, format_report, to_json
 from training.plots import plot_confusion, plot_curves
 
+# Share of the one-cycle schedule spent warming the learning rate up.
+WARMUP_FRACTION = 0.15
+LABEL_SMOOTHING = 0.05
+VALIDATION_BATCH = 128
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+
+def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m training", description="Train a ResNet on HAM10000.")
     p.add_argument("root", type=Path, help="HAM10000 folder: metadata CSV plus images (train/test folders optional)")
     p.add_argument("--epochs", type=int, default=15)
-    p.add_argument("--modelname", type=Path, default=None, help="output weights (default model_store/<type>.pt)")
-    p.add_argument("--fine_tune", action="store_true", help="train only the last layer")
+    p.add_argument("--model-name", "--modelname", dest="modelname", type=Path, default=None,
+                   help="output weights (default model_store/<type>.pt)")
+    p.add_argument("--fine-tune", "--fine_tune", dest="fine_tune", action="store_true", help="train only the last layer")
     p.add_argument("--type", choices=sorted(ARCHITECTURES), default="resnet34")
     p.add_argument("--weights", default="none", help="initial weights: imagenet, none, or a checkpoint PATH")
     p.add_argument("--image-size", type=int, nargs=2, default=DEFAULT_IMAGE_SIZE, metavar=("H", "W"))
@@ -43,16 +52,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue from the last epoch checkpoint")
     p.add_argument("--workers", type=int, default=0, help="data-loading processes")
     p.add_argument("--checkpoint-dir", type=Path, default=Path("runs"), help="per-epoch checkpoints (for --resume)")
-    # Recipe levers (docs/training.md has the ablation); the defaults are the shipped weights' recipe.
-    p.add_argument("--rotation", type=float, default=30.0, help="largest random rotation in degrees (180: any orientation)")
+    # Recipe levers (docs/training.md); the defaults are the shipped weights' recipe.
+    p.add_argument("--rotation", type=float, default=ROTATION_DEGREES, help="largest random rotation in degrees (180: any)")
     p.add_argument("--loss", choices=("weighted", "logit-adjusted"), default="weighted",
                    help="weighted: cross-entropy with 1/sqrt(frequency) class weights; logit-adjusted: unweighted "
                    "cross-entropy on logits + log(class prior) (Menon et al. 2021)")
-    p.add_argument("--label-smoothing", type=float, default=0.05)
+    p.add_argument("--label-smoothing", type=float, default=LABEL_SMOOTHING)
     p.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
                    help="validate and save an exponential moving average of the weights (e.g. 0.999); 0: off")
     p.add_argument("--mixup", type=float, default=0.0, metavar="ALPHA", help="mixup of training batches; 0: off")
-    args = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    args = get_args_parser().parse_args(argv)
     args.modelname = args.modelname or Path("model_store") / f"{args.type}.pt"
     args.image_size = tuple(args.image_size)
     if args.device == "auto":
@@ -61,21 +74,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 class AugmentedImages(torch.utils.data.Dataset):
-    """Decoded training images with dermoscopy augmentation: rotations, crops, flips, colour jitter."""
+    """Decoded training photos through the training preset (skinlesion.image.train_transform)."""
 
     def __init__(self, images: list[torch.Tensor], labels: list[int], image_size: tuple[int, int],
-                 rotation: float = 30.0) -> None:
+                 rotation: float = ROTATION_DEGREES) -> None:
         self.images, self.labels = images, labels
-        height, width = image_size
-        self.transform = v2.Compose(
-            [
-                v2.RandomRotation(rotation),
-                v2.RandomResizedCrop(image_size, scale=(0.4, 1.0), ratio=(0.8 * width / height, 1.25 * width / height)),
-                v2.RandomHorizontalFlip(),
-                v2.RandomVerticalFlip(),
-                v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02),
-            ]
-        )
+        self.transform = train_transform(image_size, rotation)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -93,6 +97,40 @@ def load_images(samples: list[Sample], size: tuple[int, int] | None, what: str) 
     return images
 
 
+def load_data(args: argparse.Namespace, train_set: list[Sample], val_set: list[Sample]
+              ) -> tuple[torch.utils.data.DataLoader, torch.Tensor, torch.Tensor]:
+    """The augmented training loader, and the validation photos preprocessed as served, with their labels."""
+    loader = torch.utils.data.DataLoader(
+        AugmentedImages(load_images(train_set, None, "training images"), [s.label for s in train_set], args.image_size,
+                        args.rotation),
+        batch_size=args.batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=args.workers,
+        persistent_workers=args.workers > 0,
+    )
+    return loader, torch.stack(load_images(val_set, args.image_size, "validation images")), torch.tensor(
+        [s.label for s in val_set])
+
+
+def build_training_model(args: argparse.Namespace) -> nn.Module:
+    if args.weights == "imagenet":
+        try:
+            model = build_model(args.type, imagenet=True)
+        except OSError as exc:
+            sys.exit(f"error: could not download torchvision's ImageNet weights ({exc}); use --weights none offline")
+    elif args.weights == "none":
+        model = build_model(args.type)
+    else:
+        model, meta = load_checkpoint(args.weights)
+        if meta["arch"] != args.type:
+            sys.exit(f"error: {args.weights} holds a {meta['arch']}, not a {args.type}")
+    if args.fine_tune:
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad = name.startswith("fc.")
+    return model.to(args.device, memory_format=torch.channels_last)
+
+
 def class_weights(labels: list[int]) -> torch.Tensor:
     """Loss weights proportional to 1/sqrt(class frequency): minority classes count more, not absurdly more."""
     counts = np.bincount(labels, minlength=len(CLASS_CODES)).astype(np.float64)
@@ -100,10 +138,52 @@ def class_weights(labels: list[int]) -> torch.Tensor:
     return torch.tensor(weights / (weights * counts).sum() * counts.sum(), dtype=torch.float32)
 
 
-def validate(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, device: str) -> dict:
+def build_criterion(args: argparse.Namespace, labels: list[int]) -> tuple[nn.Module, torch.Tensor]:
+    """The loss, and what is added to the logits before it (log class priors for the logit-adjusted loss)."""
+    if args.loss == "weighted":
+        criterion = nn.CrossEntropyLoss(weight=class_weights(labels).to(args.device), label_smoothing=args.label_smoothing)
+        return criterion, torch.zeros(len(CLASS_CODES), device=args.device)
+    counts = np.bincount(labels, minlength=len(CLASS_CODES)).astype(np.float64)
+    prior = torch.tensor(np.log(np.maximum(counts, 1) / counts.sum()), dtype=torch.float32, device=args.device)
+    return nn.CrossEntropyLoss(label_smoothing=args.label_smoothing), prior
+
+
+def train_one_epoch(model: nn.Module, criterion: nn.Module, logit_offset: torch.Tensor, optimizer: torch.optim.Optimizer,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, loader: torch.utils.data.DataLoader,
+                    args: argparse.Namespace, epoch: int, mixup: v2.MixUp | None = None,
+                    ema: torch.optim.swa_utils.AveragedModel | None = None) -> dict:
+    """One pass over the training photos; the epoch's mean loss and accuracy (against the unmixed labels)."""
+    model.train()
+    seen = correct = 0
+    total_loss = 0.0
+    bar = tqdm(loader, desc=f"epoch {epoch}/{args.epochs}", leave=False)
+    for inputs, labels in bar:
+        inputs = inputs.to(args.device, memory_format=torch.channels_last)
+        labels = labels.to(args.device)
+        targets = labels
+        if mixup is not None:
+            inputs, targets = mixup(inputs, labels)
+        with torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.amp):
+            logits = model(inputs)
+        loss = criterion(logits.float() + logit_offset, targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        if ema is not None:
+            ema.update_parameters(model)
+        seen += len(labels)
+        total_loss += loss.item() * len(labels)
+        correct += int((logits.argmax(1) == labels).sum())
+        bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}")
+    return {"epoch": epoch, "loss": total_loss / seen, "accuracy": correct / seen}
+
+
+def evaluate(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, device: str) -> dict:
+    """Validation metrics for preprocessed uint8 inputs."""
     model.eval()
     with torch.inference_mode():
-        logits = torch.cat([model(normalize(chunk).to(device)).float().cpu() for chunk in inputs.split(128)])
+        logits = torch.cat([model(normalize(chunk).to(device)).float().cpu() for chunk in inputs.split(VALIDATION_BATCH)])
     metrics = compute_metrics(labels.numpy(), logits.softmax(1).numpy())
     return {
         "val_loss": float(nn.functional.cross_entropy(logits, labels)),
@@ -121,43 +201,12 @@ def train(args: argparse.Namespace) -> dict:
     train_set, val_set, test_set = split_dataset(args.root, args.seed)
     print(f"images: {len(train_set)} train, {len(val_set)} validation, {len(test_set)} test", flush=True)
 
-    if args.weights == "imagenet":
-        try:
-            model = build_model(args.type, imagenet=True)
-        except OSError as exc:
-            sys.exit(f"error: could not download torchvision's ImageNet weights ({exc}); use --weights none offline")
-    elif args.weights == "none":
-        model = build_model(args.type)
-    else:
-        model, meta = load_checkpoint(args.weights)
-        if meta["arch"] != args.type:
-            sys.exit(f"error: {args.weights} holds a {meta['arch']}, not a {args.type}")
-    if args.fine_tune:
-        for name, parameter in model.named_parameters():
-            parameter.requires_grad = name.startswith("fc.")
-    model.to(args.device, memory_format=torch.channels_last)
-
-    train_labels = [s.label for s in train_set]
-    loader = torch.utils.data.DataLoader(
-        AugmentedImages(load_images(train_set, None, "training images"), train_labels, args.image_size, args.rotation),
-        batch_size=args.batch_size,
-        shuffle=True,
-        drop_last=True,
-        num_workers=args.workers,
-        persistent_workers=args.workers > 0,
-    )
-    val_inputs = torch.stack(load_images(val_set, args.image_size, "validation images"))
-    val_labels = torch.tensor([s.label for s in val_set])
-
+    model = build_training_model(args)
+    loader, val_inputs, val_labels = load_data(args, train_set, val_set)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr, total_steps=args.epochs * len(loader), pct_start=0.15)
-    if args.loss == "weighted":
-        criterion = nn.CrossEntropyLoss(weight=class_weights(train_labels).to(args.device), label_smoothing=args.label_smoothing)
-        logit_offset = torch.zeros(len(CLASS_CODES), device=args.device)
-    else:
-        criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
-        counts = np.bincount(train_labels, minlength=len(CLASS_CODES)).astype(np.float64)
-        logit_offset = torch.tensor(np.log(np.maximum(counts, 1) / counts.sum()), dtype=torch.float32, device=args.device)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr, total_steps=args.epochs * len(loader),
+                                                    pct_start=WARMUP_FRACTION)
+    criterion, logit_offset = build_criterion(args, [s.label for s in train_set])
     mixup = v2.MixUp(alpha=args.mixup, num_classes=len(CLASS_CODES)) if args.mixup > 0 else None
     # The weights that are validated and saved: the trained ones, or their moving average.
     ema = (torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(args.ema),
@@ -188,31 +237,8 @@ def train(args: argparse.Namespace) -> dict:
 
     for epoch in range(state["epoch"] + 1, args.epochs + 1):
         start = time.time()
-        model.train()
-        seen = correct = 0
-        total_loss = 0.0
-        bar = tqdm(loader, desc=f"epoch {epoch}/{args.epochs}", leave=False)
-        for inputs, labels in bar:
-            inputs = inputs.to(args.device, memory_format=torch.channels_last)
-            labels = labels.to(args.device)
-            targets = labels
-            if mixup is not None:
-                inputs, targets = mixup(inputs, labels)
-            with torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.amp):
-                logits = model(inputs)
-            loss = criterion(logits.float() + logit_offset, targets)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            if ema is not None:
-                ema.update_parameters(model)
-            seen += len(labels)
-            total_loss += loss.item() * len(labels)
-            correct += int((logits.argmax(1) == labels).sum())
-            bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}")
-        row = {"epoch": epoch, "loss": total_loss / seen, "accuracy": correct / seen}
-        row.update(validate(evaluated, val_inputs, val_labels, args.device))
+        row = train_one_epoch(model, criterion, logit_offset, optimizer, scheduler, loader, args, epoch, mixup, ema)
+        row.update(evaluate(evaluated, val_inputs, val_labels, args.device))
         state["seconds"] += time.time() - start
         state["history"].append(row)
         improved = row["val_balanced_accuracy"] > state["best"]
@@ -231,21 +257,24 @@ def train(args: argparse.Namespace) -> dict:
             f"val_bal_acc {row['val_balanced_accuracy']:.4f}  {time.time() - start:.0f}s" + ("  *best" if improved else ""),
             flush=True,
         )
+    return write_report(args, state, train_set, val_set, test_set)
 
-    # The best epoch's weights get their calibration (temperature, out-of-domain check, malignancy alert), and the
-    # test split is scored once, with calibrated probabilities, exactly as served.
+
+def write_report(args: argparse.Namespace, state: dict, train_set: list[Sample], val_set: list[Sample],
+                 test_set: list[Sample]) -> dict:
+    """Calibrate the best epoch's weights, score the test split once with calibrated probabilities (exactly as
+    served), and write the report and figures beside the weights."""
     calibrated = calibrate_checkpoint(args.modelname, train_set, val_set, test_set)
     test_metrics = calibrated["test"]
     print(format_report(test_metrics), flush=True)
     print(format_calibration(calibrated["calibration"]), flush=True)
-    best_epoch = max(state["history"], key=lambda r: r["val_balanced_accuracy"])
     report = {
         "model": args.type,
         "weights": str(args.modelname),
         "arguments": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "images": {"train": len(train_set), "validation": len(val_set), "test": len(test_set)},
         "training_seconds": round(state["seconds"], 1),
-        "best_epoch": best_epoch,
+        "best_epoch": max(state["history"], key=lambda r: r["val_balanced_accuracy"]),
         "history": state["history"],
         "test": test_metrics,
         "calibration": calibrated["calibration"],

@@ -13,19 +13,17 @@ from __future__ import annotations
 
 import argparse
 import io
-import sys
 import warnings
 from pathlib import Path
 
 import torch
 from PIL import Image, ImageOps
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))  # so that `python bench/levers/inprocess.py` finds the package
+from bench.serving import median_seconds
+from skinlesion.image import decode_image, preprocess, to_rgb
+from skinlesion.predictor import Predictor
 
-from bench.serve import median_seconds  # noqa: E402
-from skinlesion.image import decode_image, preprocess, to_rgb  # noqa: E402
-from skinlesion.predictor import Predictor  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 BATCH_SIZES = (1, 4, 8)
 

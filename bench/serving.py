@@ -1,7 +1,7 @@
 """Serving benchmark: the model's own speed in-process (the floor) against the same model through nginx and
 TorchServe, on real full-size photos, with the served time split into its parts.
 
-    .venv/bin/python bench/serve.py [--requests 240] [--concurrency 1 4 8 16] [--models resnet18 resnet34]
+    .venv/bin/python bench/serving.py [--requests 240] [--concurrency 1 4 8 16] [--models resnet18 resnet34]
                                     [--model-config handler/model-config.yaml] [--explain-load]
 
 It builds archives of the shipped weights with the given per-version TorchServe settings of the plain-
@@ -34,15 +34,16 @@ from pathlib import Path
 import requests
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # so that `python bench/serve.py` finds the package without PYTHONPATH
+import serve
+from bench.load import percentile, run_load
+from handler.skin_handler import BATCHES_METRIC, REQUESTS_METRIC, TIMER_METRIC
+from skinlesion.image import decode_image
+from skinlesion.predictor import Predictor
 
-import serve  # noqa: E402
-from bench.load import percentile, run_load  # noqa: E402
-from skinlesion.image import decode_image  # noqa: E402
-from skinlesion.predictor import Predictor  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 BATCH_SIZES = (1, 4, 8, 16, 32)
+LATENCY_METRIC = "ts_inference_latency_microseconds"
 # The targets the serving work was asked to meet.
 MIN_THROUGHPUT_RATIO = 0.7  # served at concurrency 8 / floor
 MAX_ADDED_MS = 25.0  # served p50 at concurrency 1 minus the in-process single-image latency
@@ -83,7 +84,7 @@ def floor(predictor: Predictor, photos: list) -> dict:
 
 def reference(measured: dict) -> float:
     """What the ratios compare against: the floor's best batch before and after the served levels, averaged,
-    since a shared host's speed drifts over the minutes between them (README, Performance)."""
+    since a shared host's speed drifts over the minutes between them (docs/performance.md)."""
     return (measured["throughput"] + measured["after"]) / 2
 
 
@@ -102,32 +103,36 @@ class Service:
         except BaseException:  # whatever part did start (TorchServe daemonizes)
             self.stop()
             raise
-        self.model_log = self.run_dir / "torchserve" / "model_log.log"
 
     def stop(self) -> None:
         serve.stop_service(self.run_dir)
 
-    def torchserve_microseconds(self) -> float:
-        """TorchServe's cumulative inference latency over every version of "skin" (its Prometheus counter)."""
+    def metrics(self) -> dict[str, float]:
+        """TorchServe's Prometheus counters for model "skin", summed over its versions: its cumulative
+        inference latency and the handler's own timers (skin_handler.record_timings)."""
         text = requests.get(f"http://127.0.0.1:{self.ports['metrics']}/metrics", timeout=10).text
-        return sum(float(m) for m in re.findall(r'^ts_inference_latency_microseconds\{[^}]*model_name="skin"[^}]*\} (\S+)',
-                                                 text, re.MULTILINE))
+        return skin_counters(text)
 
-    def handler_ms(self, since: int) -> dict[str, float]:
-        """Mean per-request milliseconds of the handler's timers, and the mean batch size ("batch"), from the
-        worker log lines after offset `since`."""
-        totals: dict[str, float] = {}
-        requests_seen = batches = 0
-        with self.model_log.open() as log:
-            log.seek(since)
-            for line in log:
-                match = re.search(r"handler_ms batch=(\d+) (.*)$", line)
-                if match:
-                    batches += 1
-                    requests_seen += int(match.group(1))
-                    for key, value in re.findall(r"(\w+)=([\d.]+)", match.group(2)):
-                        totals[key] = totals.get(key, 0.0) + float(value)
-        return {"batch": requests_seen / max(batches, 1)} | {key: value / max(requests_seen, 1) for key, value in totals.items()}
+
+def skin_counters(text: str) -> dict[str, float]:
+    """Counter name -> value summed over the series of model "skin" in a Prometheus text exposition."""
+    totals: dict[str, float] = {}
+    for name, labels, value in re.findall(r"^(\w+)\{([^}]*)\} (\S+)$", text, re.MULTILINE):
+        if re.search(r'(?i)model_?name="skin"', labels):
+            totals[name] = totals.get(name, 0.0) + float(value)
+    return totals
+
+
+def handler_ms(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Mean per-request milliseconds of each handler stage, and the mean batch size ("batch"), between two
+    snapshots of the counters."""
+    def delta(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    served, batches = delta(REQUESTS_METRIC), delta(BATCHES_METRIC)
+    stages = {"decode", "preprocess", "forward"}
+    return {"batch": served / max(batches, 1)} | {
+        stage: delta(TIMER_METRIC.format(stage=stage.capitalize())) / max(served, 1) for stage in sorted(stages)}
 
 
 def used_cpu_seconds(stat: Path) -> float:
@@ -273,11 +278,12 @@ def main() -> None:
                 serve.set_default(service.management, arch)
                 warm_ups[arch] = warm_up(service.url, raw)
                 for concurrency in args.concurrency:
-                    offset = service.model_log.stat().st_size
-                    before = service.torchserve_microseconds()
+                    before = service.metrics()
                     result = load(service.url, raw, args.requests, concurrency)
-                    result["torchserve_ms"] = (service.torchserve_microseconds() - before) / 1000 / args.requests
-                    result["handler"] = service.handler_ms(offset)
+                    after = service.metrics()
+                    latency = after.get(LATENCY_METRIC, 0.0) - before.get(LATENCY_METRIC, 0.0)
+                    result["torchserve_ms"] = latency / 1000 / args.requests
+                    result["handler"] = handler_ms(before, after)
                     results[arch, concurrency] = result
                 torch.set_num_threads(args.threads)  # the floor's best batch again, the service idle meanwhile
                 floors[arch]["after"] = batch_throughput(predictors[arch], photos, floors[arch]["best_batch"])

@@ -1,0 +1,1 @@
+"""Benchmarks that print tables: run each as `.venv/bin/python bench/<name>.py` (see its docstring)."""

@@ -1,0 +1,78 @@
+"""One home per setting: files that cannot read skinlesion.options repeat its values, and these tests fail
+when a copy disagrees; the clients and the launcher stay torch-free."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import yaml
+
+from skinlesion import options
+from skinlesion.explain import PRECISION_SETTINGS
+from skinlesion.model import ARCHITECTURES
+from tests.conftest import ROOT
+
+
+def test_the_core_builds_exactly_the_options() -> None:
+    assert tuple(PRECISION_SETTINGS) == options.PRECISIONS
+    assert tuple(ARCHITECTURES) == options.ARCHITECTURE_NAMES
+    assert set(options.EXPECTED_SECONDS) == {"predict", "gradcam", *options.PRECISIONS}
+
+
+def test_the_explanation_path_agrees_in_the_model_configs_and_nginx() -> None:
+    for config in ("model-config.yaml", "model-config-gpu.yaml"):
+        settings = yaml.safe_load((ROOT / "handler" / config).read_text())["handler"]
+        assert settings["explanations_at"] == options.EXPLAIN_PATH
+    assert re.findall(r"rewrite \^ (\S+) break;", (ROOT / "proxy" / "nginx.conf").read_text()) == [options.EXPLAIN_PATH]
+
+
+def test_archive_sh_builds_every_model_and_version() -> None:
+    script = (ROOT / "archive.sh").read_text()
+    assert f"for arch in {' '.join(options.ARCHITECTURE_NAMES)}; do" in script
+    assert f"for model in {' '.join(options.TORCHSERVE_MODELS)}; do" in script
+
+
+def test_the_client_and_the_launcher_import_no_torch() -> None:
+    for module in ("client", "serve"):
+        code = f"import sys, {module}; sys.exit('torch' in sys.modules)"
+        assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0, f"{module} imports torch"
+
+
+def properties(path) -> dict[str, str]:
+    lines = [line.strip() for line in path.read_text().splitlines()]
+    return dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
+
+
+def test_the_ports_agree_with_config_properties_serve_sh_and_compose() -> None:
+    ports = options.DEFAULT_PORTS
+    local = properties(ROOT / "config.properties")
+    assert local["inference_address"] == f"http://127.0.0.1:{ports['inference']}"
+    assert local["management_address"] == f"http://127.0.0.1:{ports['management']}"
+    assert local["metrics_address"] == f"http://127.0.0.1:{ports['metrics']}"
+    assert local["grpc_inference_port"] == str(ports["grpc"]) and local["grpc_management_port"] == str(ports["grpc"] + 1)
+    assert f'PORT:-{ports["port"]}' in (ROOT / "serve.sh").read_text()
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    assert compose["proxy"]["environment"]["NGINX_LISTEN"] == str(ports["port"])
+    assert compose["torchserve"]["expose"] == [str(ports["inference"])]
+
+
+def test_timeouts_nest_from_the_deadline_out_to_the_client() -> None:
+    """The explanation deadline < TorchServe's response timeout < nginx's read timeout <= the client's wait."""
+    import client
+
+    deadline = yaml.safe_load((ROOT / "handler" / "explain-config.yaml").read_text())["handler"]["deadline_seconds"]
+    torchserve = int(properties(ROOT / "config.properties")["default_response_timeout"])
+    for config in ("model-config.yaml", "model-config-gpu.yaml", "explain-config.yaml"):
+        assert yaml.safe_load((ROOT / "handler" / config).read_text())["responseTimeout"] == torchserve
+    nginx = int(re.search(r"proxy_read_timeout (\d+)s;", (ROOT / "proxy" / "nginx.conf").read_text())[1])
+    assert deadline < torchserve < nginx <= client.TIMEOUTS["explain"]
+
+
+def test_the_body_limit_agrees_in_nginx_and_torchserve() -> None:
+    conf = (ROOT / "proxy" / "nginx.conf").read_text()
+    mib = {int(n) for n in re.findall(r"client_(?:max_body|body_buffer)_size (\d+)m;", conf)}
+    assert len(mib) == 1 and f"larger than {next(iter(mib))} MiB" in conf
+    local = properties(ROOT / "config.properties")
+    assert int(local["max_request_size"]) == int(local["max_response_size"]) == next(iter(mib)) * 2**20
