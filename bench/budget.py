@@ -20,11 +20,9 @@ import base64
 import http.client
 import io
 import json
-import signal
 import statistics
 import struct
 import sys
-import tempfile
 import time
 import urllib.parse
 from collections.abc import Callable
@@ -35,7 +33,7 @@ import requests
 from PIL import Image
 
 import serve
-from bench.load import DATA, client_address
+from bench.load import DATA, client_address, started_service
 
 MEMORY_LIMIT_BYTES = 1.5 * 2**30
 TIME_RATIO_LIMIT = 3.0
@@ -166,18 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="resnet34", help="default version")
     parser.add_argument("--repeat", type=int, default=3, help="requests per case (the median time is reported)")
     args = parser.parse_args(argv)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    with tempfile.TemporaryDirectory(prefix="skin-budget-") as tmp:
-        run_dir = Path(tmp)
-        try:
-            print("starting TorchServe and nginx ...", file=sys.stderr)
-            serve.build_archives(run_dir / "model_store")
-            ports = serve.free_ports()
-            url, management = serve.start_service(run_dir, run_dir / "model_store", ports,
-                                                  f"127.0.0.1:{serve.free_port(tuple(ports.values()))}", args.model)
-            return run(url, management, args.repeat)
-        finally:
-            serve.stop_service(run_dir)
+    with started_service("skin-budget-", args.model) as (url, management, _):
+        return run(url, management, args.repeat)
 
 
 if __name__ == "__main__":

@@ -36,8 +36,9 @@ import threading
 import time
 import urllib.parse
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -257,27 +258,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", default="High", help="the --overload explanations' precision")
     parser.add_argument("--client-timeout", type=float, default=200.0, help="seconds an --overload client waits")
     args = parser.parse_args(argv)
+    images = load_images(args.images, 16)
+    if not args.start:
+        url, management = args.url.rstrip("/"), args.management_url.rstrip("/")
+        return overload(url, images[0], args.overload, args.precision, args.client_timeout, None) if args.overload \
+            else run(args, url, management, images)
+    with started_service("skin-load-", args.model, args.weights_dir, args.explain_config) as (url, management, run_dir):
+        if args.overload:
+            return overload(url, images[0], args.overload, args.precision, args.client_timeout, run_dir / "torchserve")
+        return run(args, url, management, images)
+
+
+@contextmanager
+def started_service(prefix: str, model: str, weights_dir: Path = ROOT / "model_store",
+                    explain_config: Path | None = None) -> Iterator[tuple[str, str, Path]]:
+    """A service of its own (archives from `weights_dir`, free loopback ports), stopped on leaving, also when its
+    start fails halfway or a SIGTERM arrives; yields (public URL, management URL, run folder)."""
     # TorchServe daemonizes: a SIGTERM must still reach the `finally` that stops the service this starts.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    images = load_images(args.images, 16)
-    with tempfile.TemporaryDirectory(prefix="skin-load-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
         run_dir = Path(tmp)
-        try:  # a start that fails halfway (workers never ready) must not leave TorchServe running either
-            if args.start:
-                print("starting TorchServe and nginx ...", file=sys.stderr)
-                serve.build_archives(run_dir / "model_store", args.weights_dir.resolve(), explain_config=args.explain_config)
-                ports = serve.free_ports()
-                url, management = serve.start_service(run_dir, run_dir / "model_store", ports,
-                                                      f"127.0.0.1:{serve.free_port(tuple(ports.values()))}", args.model)
-            else:
-                url, management = args.url.rstrip("/"), args.management_url.rstrip("/")
-            if args.overload:
-                return overload(url, images[0], args.overload, args.precision, args.client_timeout,
-                                run_dir / "torchserve" if args.start else None)
-            return run(args, url, management, images)
+        try:
+            print("starting TorchServe and nginx ...", file=sys.stderr)
+            serve.build_archives(run_dir / "model_store", weights_dir.resolve(), explain_config=explain_config)
+            ports = serve.free_ports()
+            url, management = serve.start_service(run_dir, run_dir / "model_store", ports,
+                                                  f"127.0.0.1:{serve.free_port(tuple(ports.values()))}", model)
+            yield url, management, run_dir
         finally:
-            if args.start:
-                serve.stop_service(run_dir)
+            serve.stop_service(run_dir)
 
 
 def overload(url: str, image: bytes, count: int, precision: str, client_timeout: float,

@@ -18,18 +18,15 @@ import base64
 import http.client
 import itertools
 import json
-import signal
 import sys
-import tempfile
 import threading
 import time
 import urllib.parse
 from collections import Counter
 from pathlib import Path
 
-import serve
 from bench.budget import worker_pids
-from bench.load import DATA, client_address, load_images, send
+from bench.load import DATA, client_address, load_images, send, started_service
 
 GROWTH_LIMIT = 0.05
 
@@ -136,18 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sample-seconds", type=float, default=10.0)
     parser.add_argument("--model", default="resnet34", help="default version")
     args = parser.parse_args(argv)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    with tempfile.TemporaryDirectory(prefix="skin-soak-") as tmp:
-        run_dir = Path(tmp)
-        try:
-            print("starting TorchServe and nginx ...", file=sys.stderr)
-            serve.build_archives(run_dir / "model_store")
-            ports = serve.free_ports()
-            url, management = serve.start_service(run_dir, run_dir / "model_store", ports,
-                                                  f"127.0.0.1:{serve.free_port(tuple(ports.values()))}", args.model)
-            return soak(url, management, args.minutes, args.warmup_minutes, args.concurrency, args.sample_seconds)
-        finally:
-            serve.stop_service(run_dir)
+    with started_service("skin-soak-", args.model) as (url, management, _):
+        return soak(url, management, args.minutes, args.warmup_minutes, args.concurrency, args.sample_seconds)
 
 
 if __name__ == "__main__":

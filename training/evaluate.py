@@ -79,13 +79,15 @@ def compute_metrics(labels: np.ndarray, probs: np.ndarray) -> dict:
     }
 
 
-def predict_samples(predictor: Predictor, samples: list[Sample], batch_size: int = 64) -> np.ndarray:
-    """Class probabilities for samples' image files, decoded and preprocessed exactly as served."""
+def predict_samples(predictor: Predictor, samples: list[Sample], batch_size: int = 64,
+                    bfloat16: bool = False) -> np.ndarray:
+    """Class probabilities for samples' image files, decoded and preprocessed exactly as served (`bfloat16`:
+    the convolutional trunk in bfloat16, as LIME runs it)."""
     chunks = []
     for start in range(0, len(samples), batch_size):
         batch = samples[start : start + batch_size]
         inputs = torch.stack([predictor.preprocess(decode_image(s.path.read_bytes())) for s in batch])
-        chunks.append(predictor.probabilities(inputs).numpy())
+        chunks.append(predictor.probabilities(inputs, bfloat16=bfloat16).numpy())
     return np.concatenate(chunks) if chunks else np.zeros((0, len(CLASS_CODES)))
 
 
@@ -138,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", choices=("all", "test"), default="all",
                         help="all: every listed image found; test: the training command's test side (same --seed)")
     parser.add_argument("--seed", type=int, default=0, help="with --split test and no test folder: the split's seed")
+    parser.add_argument("--compare-bfloat16", action="store_true",
+                        help="also run the trunk in bfloat16 and print how often the label agrees and the largest change")
     args = parser.parse_args(argv)
     weights = args.weights or Path("model_store") / f"{args.type}.pt"
     try:
@@ -157,6 +161,11 @@ def main(argv: list[str] | None = None) -> int:
     metrics = compute_metrics(np.array([s.label for s in samples]), probs)
     metrics.update(model=args.type, weights=str(weights))
     print(format_report(metrics))
+    if args.compare_bfloat16:
+        fast = predict_samples(predictor, samples, args.batch_size, bfloat16=True)
+        agree = float((fast.argmax(1) == probs.argmax(1)).mean())
+        print(f"\nbfloat16 trunk: same label for {agree:.4f} of the images, largest probability change "
+              f"{float(np.abs(fast - probs).max()):.4f}")
     if args.json:
         args.json.write_text(to_json(metrics))
     return 0
