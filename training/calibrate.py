@@ -101,8 +101,7 @@ def nll(probabilities: torch.Tensor, labels: torch.Tensor) -> float:
 def calibrate_checkpoint(weights: Path, train: list[Sample], val: list[Sample], test: list[Sample]) -> dict:
     """Fit the calibration of `weights`, store it (and the card's metrics) in the checkpoint; returns the report:
     {"calibration": what was fitted and how it does, "test": compute_metrics with calibrated probabilities}."""
-    predictor = Predictor.from_checkpoint(weights)
-    predictor.calibration = None  # raw outputs, whatever an earlier fit stored
+    predictor = Predictor.from_checkpoint(weights)  # its outputs are raw, whatever an earlier fit stored
     val_images, test_images = decode_samples(val), decode_samples(test)
     splits = {"train": fit_data(image_outputs(predictor, decode_samples(train)), train),
               "val": fit_data(image_outputs(predictor, val_images), val),
