@@ -115,7 +115,8 @@ def expect_prediction(page: Page) -> None:
     result = page.get_by_text(RESULT)
     expect(result).to_be_visible(timeout=PAGE_MS)
     assert any(name in result.inner_text() for name in CLASS_NAMES), result.inner_text()
-    expect(page.locator('[data-testid="stVegaLiteChart"]')).to_be_visible(timeout=PAGE_MS)
+    # One chart on screen; Streamlit may keep a stale, hidden copy in the page while it replaces the layout.
+    expect(page.locator('[data-testid="stVegaLiteChart"]').filter(visible=True)).to_be_visible(timeout=PAGE_MS)
     expect(page.locator('[data-testid="stException"]')).to_have_count(0)
 
 
