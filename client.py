@@ -226,7 +226,7 @@ def explanation_names(paths: list[Path]) -> dict[Path, str]:
     return dict(zip(paths, names, strict=True))
 
 
-def classify_file(path: Path, args: argparse.Namespace, out_name: str = "") -> dict:
+def classify_file(path: Path, args: argparse.Namespace, out_name: str) -> dict:
     """The envelope for one file, with "file" added; reading and client errors become failure envelopes."""
     try:
         data = path.read_bytes()
@@ -246,7 +246,7 @@ def classify_file(path: Path, args: argparse.Namespace, out_name: str = "") -> d
     if isinstance(explanation, dict) and "image_png" in explanation:
         png = explanation.pop("image_png")
         if args.out and png:
-            target = args.out / (out_name or f"{path.stem}_explain.png")
+            target = args.out / out_name
             try:
                 target.write_bytes(base64.b64decode(png))
             except (OSError, ValueError) as exc:

@@ -98,10 +98,9 @@ class SkinHandler:
                 # "Busy" goes out as 423: nginx answers it 503 with our message (proxy/nginx.conf @busy), while
                 # a 503 from TorchServe would count as the instance failing and be replayed on another.
                 status = BUSY_STATUS
-            context.set_response_status(status, HTTPStatus(status).phrase, idx)
-            if status == HTTPStatus.TEMPORARY_REDIRECT:
-                context.set_response_header(idx, "Location", self.explanations_at)
-            if "retry_after" in payload:
                 context.set_response_header(idx, "Retry-After", str(payload["retry_after"]))
                 context.set_response_header(idx, "X-Skin-Busy", payload["error"])
+            elif status == HTTPStatus.TEMPORARY_REDIRECT:
+                context.set_response_header(idx, "Location", self.explanations_at)
+            context.set_response_status(status, HTTPStatus(status).phrase, idx)
         return [payload for _, payload in answers]

@@ -10,8 +10,8 @@ Mahalanobis distances to the nearest class mean of the training lesions, with on
 (Ledoit-Wolf shrinkage), each as a z-score of its log against the validation lesions; the score is the
 larger one. "input": colour and sharpness statistics of the model input (what a blurred, flat or
 synthetic picture gives away); "features": the pooled 512-d features before the classifier (what a photo
-of something else gives away). Softmax confidence, max logit and energy all scored near chance (AUROC
-0.36-0.53): the network is as confident on a rocket as on a mole.
+of something else gives away). Softmax confidence, max logit and energy scored near chance in that
+comparison: the network is as confident on a rocket as on a mole.
 """
 
 from __future__ import annotations

@@ -68,6 +68,11 @@ def busy(message: str, retry_after: int) -> tuple[int, dict]:
     return 503, {**failure(message), "retry_after": retry_after}
 
 
+def past_deadline(message: str, deadline: float) -> tuple[int, dict]:
+    """An explanation given up at its deadline: the queue it waited in is long, so retry after a quarter of it."""
+    return busy(f"{message}; retry later, or use method gradcam", max(1, round(deadline / 4)))
+
+
 def parse_body(body: Any) -> dict:
     """The request body as a JSON object, whether the server already parsed it or not."""
     if isinstance(body, (bytes, bytearray)):
@@ -215,8 +220,8 @@ def explain(predictor: Predictor, image: Image.Image, request: PredictRequest, a
         if until is not None and started > until:
             log.info("explanation %s (%s) not computed: it waited %.2f s", arrival.request_id or "-", kind,
                      started - arrived)
-            return busy(f"this explanation waited {started - arrived:.0f} s, past the {deadline:g} s an explanation may "
-                        "take, and was not computed; retry later, or use method gradcam", max(1, round(deadline / 4)))
+            return past_deadline(f"this explanation waited {started - arrived:.0f} s, past the {deadline:g} s an "
+                                 "explanation may take, and was not computed", deadline)
         label = CLASS_NAMES.index(answer[1]["prediction"])
         log.info("explaining %s (%s)", arrival.request_id or "-", kind)
         answer[1].update(explanation_payload(predictor, image, label, request.method, request.precision, until=until))
@@ -226,8 +231,8 @@ def explain(predictor: Predictor, image: Image.Image, request: PredictRequest, a
     except DeadlinePassed:
         log.warning("explanation %s (%s) stopped at its deadline after %.2f s", arrival.request_id or "-", kind,
                     time.time() - started)
-        return busy(f"this explanation did not finish within the {deadline:g} s an explanation may take (it waited "
-                    f"{started - arrived:.0f} s); retry later, or use method gradcam", max(1, round(deadline / 4)))
+        return past_deadline(f"this explanation did not finish within the {deadline:g} s an explanation may take (it "
+                             f"waited {started - arrived:.0f} s)", deadline)
     except Exception:
         log.exception("explanation failed")
         return 500, failure("the explanation failed on this image; the error is in the server log")
