@@ -131,6 +131,10 @@ class Calibration:
     domain: dict[str, ClassGaussians]
     # An image whose domain score is above this is out of domain.
     domain_threshold: float
+    # The inference the fit was made for, which plain predictions then use: test-time views
+    # (skinlesion.image.TTA_VIEWS) and a bfloat16 trunk.
+    views: str = "none"
+    bfloat16: bool = False
 
     def domain_score(self, statistics: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         """Per image, the larger of the two z-scores; higher = less like the training lesions."""
@@ -143,6 +147,8 @@ class Calibration:
             "malignancy_threshold": self.malignancy_threshold,
             "domain_threshold": self.domain_threshold,
             "domain": {name: vars(g) for name, g in self.domain.items()},
+            "views": self.views,
+            "bfloat16": self.bfloat16,
         }
 
     @classmethod
@@ -152,6 +158,8 @@ class Calibration:
             malignancy_threshold=float(state["malignancy_threshold"]),
             domain_threshold=float(state["domain_threshold"]),
             domain={name: ClassGaussians(**g) for name, g in state["domain"].items()},
+            views=state.get("views", "none"),
+            bfloat16=bool(state.get("bfloat16", False)),
         )
 
 

@@ -8,11 +8,9 @@ finished overlay goes back to the photo's own size.
 from __future__ import annotations
 
 import base64
-import functools
 import io
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -25,7 +23,7 @@ from skinlesion.admission import DeadlinePassed
 from skinlesion.image import normalize, resize
 from skinlesion.model import CLASS_NAMES
 from skinlesion.options import METHODS
-from skinlesion.predictor import Predictor
+from skinlesion.predictor import Predictor, native_bfloat16
 
 
 @dataclass(frozen=True)
@@ -88,24 +86,6 @@ class Explanation:
     score: float | None = None
 
 
-@functools.cache
-def native_bfloat16(device_type: str) -> bool:
-    """Whether the device computes bfloat16 natively: CUDA, or an x86 CPU with avx512_bf16 or AMX.
-
-    There LIME's perturbed images run in bfloat16 (the classifier layer stays float32, see
-    Predictor.probabilities): resnet34 at 108x144 on one core of this project's CPU, batch 64, took 11.7 ms
-    an image against 22.5 in float32, with the same top-5 regions across seeds (bench/explain.py reports the
-    stability). Elsewhere bfloat16 is emulated and slower than float32, so float32 stays.
-    """
-    if device_type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return device_type == "cpu" and ("avx512_bf16" in flags or "amx_bf16" in flags)
-
-
 def lime_settings(precision: str) -> LimeSettings:
     if precision not in PRECISION_SETTINGS:
         raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISION_SETTINGS)}")
@@ -131,7 +111,7 @@ def explain_lime(predictor: Predictor, image: Image.Image, label: int, precision
     settings = lime_settings(precision)
     check_label(label)
     started = time.perf_counter()
-    small = resize(image, predictor.image_size).permute(1, 2, 0).numpy()
+    small = resize(image, predictor.image_size, predictor.colour_constancy).permute(1, 2, 0).numpy()
 
     def classify(images: np.ndarray) -> np.ndarray:
         if until is not None and time.time() > until:

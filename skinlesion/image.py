@@ -103,10 +103,22 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def resize(image: Image.Image | torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
-    """An RGB image (PIL or uint8 CxHxW tensor) resized to the model's input as a uint8 tensor."""
+def shades_of_gray(images: torch.Tensor, power: float) -> torch.Tensor:
+    """Shades-of-Gray colour constancy (Finlayson & Trezzi 2004; p=6 in the ISIC 2019 winner's pipeline) for
+    uint8 images (...x3xHxW): each channel scaled so that the illuminant, the power-`power` mean of its values,
+    comes out grey. Dermatoscopes differ in their light; this removes most of that difference."""
+    values = images.float()
+    illuminant = values.pow(power).mean(dim=(-2, -1), keepdim=True).pow(1.0 / power).clamp_min(1.0)
+    gain = illuminant.mean(dim=-3, keepdim=True) / illuminant
+    return (values * gain).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def resize(image: Image.Image | torch.Tensor, image_size: tuple[int, int], colour_constancy: float = 0.0) -> torch.Tensor:
+    """An RGB image (PIL or uint8 CxHxW tensor) resized to the model's input as a uint8 tensor, with Shades of
+    Gray colour constancy of that power applied when it is not 0."""
     tensor = F.pil_to_tensor(image) if isinstance(image, Image.Image) else image
-    return F.resize(tensor, list(image_size), antialias=True)
+    small = F.resize(tensor, list(image_size), antialias=True)
+    return shades_of_gray(small, colour_constancy) if colour_constancy else small
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:
@@ -114,9 +126,23 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
     return F.normalize(images.float().div(255.0), IMAGENET_MEAN, IMAGENET_STD)
 
 
-def preprocess(image: Image.Image, image_size: tuple[int, int]) -> torch.Tensor:
+def preprocess(image: Image.Image, image_size: tuple[int, int], colour_constancy: float = 0.0) -> torch.Tensor:
     """The model input for one RGB image: the same function for training, evaluation and serving."""
-    return normalize(resize(image, image_size))
+    return normalize(resize(image, image_size, colour_constancy))
+
+
+# Test-time augmentation: a dermoscopy photo has no up, down, left or right, so the model should give every
+# flip and transpose of it the same answer; averaging over them cancels some of each view's error.
+TTA_VIEWS = {"none": 1, "flips": 4, "dihedral": 8}
+
+
+def dihedral_views(inputs: torch.Tensor, views: str) -> list[torch.Tensor]:
+    """The first TTA_VIEWS[views] views of a batch (N x C x H x W) under the dihedral group: identity and the
+    three flips, then the same four transposed (those are W x H: the network pools over any input size)."""
+    if views not in TTA_VIEWS:
+        raise ValueError(f"unknown views {views!r}; choose one of {sorted(TTA_VIEWS)}")
+    flipped = [inputs, inputs.flip(-1), inputs.flip(-2), inputs.flip(-2, -1)]
+    return (flipped + [view.transpose(-2, -1) for view in flipped])[: TTA_VIEWS[views]]
 
 
 # Training augmentation (dermoscopy has no up or down): what train_transform draws from.

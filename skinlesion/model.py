@@ -47,11 +47,14 @@ def build_model(arch: str, imagenet: bool = False) -> nn.Module:
     return model
 
 
-def save_checkpoint(model: nn.Module, arch: str, image_size: tuple[int, int], path: str | Path) -> None:
-    """Write a self-describing state dict (half precision keeps the repository small)."""
+def save_checkpoint(model: nn.Module, arch: str, image_size: tuple[int, int], path: str | Path,
+                    colour_constancy: float = 0.0) -> None:
+    """Write a self-describing state dict (half precision keeps the repository small) with the preprocessing it
+    was trained with (`colour_constancy`: skinlesion.image.shades_of_gray's power, 0 for none)."""
     state = {k: (v.half() if v.is_floating_point() else v) for k, v in model.state_dict().items()}
     torch.save(
-        {"arch": arch, "image_size": list(image_size), "classes": list(CLASS_CODES), "state_dict": state},
+        {"arch": arch, "image_size": list(image_size), "colour_constancy": colour_constancy,
+         "classes": list(CLASS_CODES), "state_dict": state},
         path,
     )
 
@@ -73,4 +76,5 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in checkpoint["state_dict"].items()})
     model.to(device).eval()
     return model, {"arch": checkpoint["arch"], "image_size": tuple(checkpoint["image_size"]),
+                   "colour_constancy": checkpoint.get("colour_constancy", 0.0),
                    "calibration": checkpoint.get("calibration"), "card": checkpoint.get("card")}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +12,7 @@ from PIL import Image
 from torch import nn
 
 from skinlesion.calibration import MALIGNANT_CODES, Calibration, input_statistics, malignant_probability
-from skinlesion.image import preprocess
+from skinlesion.image import TTA_VIEWS, dihedral_views, preprocess
 from skinlesion.model import CLASS_NAMES, CLASSES, load_checkpoint
 
 UNCALIBRATED = {
@@ -19,6 +20,24 @@ UNCALIBRATED = {
     "message": "this model has no fitted calibration: its probabilities are uncalibrated, and neither the "
     "out-of-domain check nor the malignancy alert is made (python -m training.calibrate fits them)",
 }
+
+
+@functools.cache
+def native_bfloat16(device_type: str) -> bool:
+    """Whether the device computes bfloat16 natively: CUDA, or an x86 CPU with avx512_bf16 or AMX.
+
+    There the convolutional trunk runs in bfloat16 for LIME's perturbed images and, where the calibration was
+    fitted that way, for plain predictions (the classifier layer stays float32, see Predictor.outputs):
+    resnet34 at 108x144 on one core of this project's CPU, batch 64, took 11.7 ms an image against 22.5 in
+    float32. Elsewhere bfloat16 is emulated and slower than float32, so float32 stays.
+    """
+    if device_type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return device_type == "cpu" and ("avx512_bf16" in flags or "amx_bf16" in flags)
 
 
 @dataclass(frozen=True)
@@ -32,46 +51,61 @@ class Outputs:
 
 class Predictor:
     def __init__(self, model: nn.Module, arch: str, image_size: tuple[int, int], device: str = "cpu",
-                 calibration: Calibration | None = None, card: dict | None = None) -> None:
+                 calibration: Calibration | None = None, card: dict | None = None, colour_constancy: float = 0.0) -> None:
         # channels_last: oneDNN's convolutions are about 12% faster on it (bench/explain.py prints both layouts).
         self.model = model.to(device, memory_format=torch.channels_last).eval()
         # Every architecture is a torchvision ResNet: all its children but the classifier `fc`, in order.
         self.trunk = nn.Sequential(*list(self.model.children())[:-1])
         self.arch = arch
         self.image_size = tuple(image_size)
+        self.colour_constancy = colour_constancy
         self.device = torch.device(device)
         self.calibration = calibration
         # The test-split metrics `python -m training.calibrate` stored beside the calibration.
         self.card = card
+        # How plain predictions run: the test-time views and trunk precision the calibration was fitted for
+        # (bfloat16 only where the hardware has it: the probabilities differ by at most about 0.01).
+        self.views = calibration.views if calibration else "none"
+        self.bfloat16 = bool(calibration and calibration.bfloat16 and native_bfloat16(self.device.type))
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "cpu") -> Predictor:
         model, meta = load_checkpoint(path, device)
         calibration = Calibration.from_state(meta["calibration"]) if meta["calibration"] else None
-        return cls(model, meta["arch"], meta["image_size"], device, calibration, meta["card"])
+        return cls(model, meta["arch"], meta["image_size"], device, calibration, meta["card"], meta["colour_constancy"])
 
     @property
     def temperature(self) -> float:
         return self.calibration.temperature if self.calibration else 1.0
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
-        return preprocess(image, self.image_size)
+        return preprocess(image, self.image_size, self.colour_constancy)
 
     def outputs(self, inputs: torch.Tensor, batch_size: int = 64, bfloat16: bool = False,
-                statistics: bool = True) -> Outputs:
+                statistics: bool = True, views: str = "none") -> Outputs:
         """Logits, pooled features and (with `statistics`) input statistics for preprocessed inputs (N x 3 x H x W).
 
-        `bfloat16` runs the convolutional trunk in bfloat16 (LIME's perturbed images: about 2x faster where the
-        hardware has it) and keeps the classifier in float32: logits rounded to bfloat16's 8 bits made LIME's
-        ranking of regions change from seed to seed in a one-off check on a HAM10000 photo.
+        `bfloat16` runs the convolutional trunk in bfloat16 (about 2x faster where the hardware has it) and keeps
+        the classifier in float32: logits rounded to bfloat16's 8 bits made LIME's ranking of regions change
+        from seed to seed in a one-off check on a HAM10000 photo. `views` (skinlesion.image.TTA_VIEWS) averages
+        the pooled features over that many flips and transposes of each input; the classifier being linear,
+        the logits are the average of the views' logits.
         """
         logits, features, stats = [], [], []
         with torch.inference_mode():
             for chunk in inputs.split(batch_size):
                 chunk = chunk.to(self.device, memory_format=torch.channels_last)
+                # Views of one shape go through the trunk as one batch: 4 images at once cost less than 4 single ones.
+                by_shape: dict[torch.Size, list[torch.Tensor]] = {}
+                for view in dihedral_views(chunk, views):
+                    by_shape.setdefault(view.shape, []).append(view)
                 with torch.autocast(self.device.type, torch.bfloat16, enabled=bfloat16):
-                    pooled = self.trunk(chunk)
-                pooled = pooled.float().flatten(1)
+                    pooled = torch.cat([
+                        self.trunk(torch.cat(group).contiguous(memory_format=torch.channels_last)).float()
+                        .unflatten(0, (len(group), len(chunk)))
+                        for group in by_shape.values()
+                    ]).mean(0)
+                pooled = pooled.flatten(1)
                 logits.append(self.model.fc(pooled).cpu())
                 features.append(pooled.cpu())
                 if statistics:
@@ -127,7 +161,7 @@ class Predictor:
         start = time.perf_counter()
         inputs = torch.stack([self.preprocess(image) for image in images])
         preprocessed = time.perf_counter()
-        outputs = self.outputs(inputs)
+        outputs = self.outputs(inputs, bfloat16=self.bfloat16, views=self.views)
         probabilities = self.calibrated(outputs.logits)
         scores = self.domain_scores(outputs)
         if timings is not None:
@@ -145,6 +179,9 @@ class Predictor:
             "input_size": {"height": self.image_size[0], "width": self.image_size[1]},
             "calibrated": calibration is not None,
             "temperature": self.temperature,
+            # How every plain prediction is computed: test-time views averaged, and the trunk's precision.
+            "inference": {"views": self.views, "view_count": TTA_VIEWS[self.views],
+                          "precision": "bfloat16" if self.bfloat16 else "float32"},
             "thresholds": {
                 "out_of_domain": calibration.domain_threshold if calibration else None,
                 "malignancy": calibration.malignancy_threshold if calibration else None,

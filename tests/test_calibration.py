@@ -24,7 +24,7 @@ from skinlesion.calibration import (
     malignant_probability,
     validation_pass_rate,
 )
-from skinlesion.image import decode_image
+from skinlesion.image import decode_image, dihedral_views
 from skinlesion.model import ARCHITECTURES, CLASS_CODES, CLASS_NAMES, DEFAULT_IMAGE_SIZE, build_model, save_checkpoint
 from skinlesion.predictor import Predictor
 from skinlesion.service import MODEL_CARD_REQUEST, respond
@@ -84,6 +84,25 @@ def test_probabilities_are_the_softmax_at_the_fitted_temperature(predictor, full
     assert torch.allclose(predictor.probabilities(inputs), (outputs.logits / predictor.temperature).softmax(1), atol=1e-6)
 
 
+def test_the_calibration_sets_how_plain_predictions_run(checkpoints: Path, fullres_images) -> None:
+    """A checkpoint calibrated for the four flips serves their average, and its card says so."""
+    plain = Predictor.from_checkpoint(checkpoints / "resnet18.pt")
+    state = torch.load(checkpoints / "resnet18.pt", weights_only=True)["calibration"]
+    flips = Calibration.from_state({**state, "views": "flips", "bfloat16": False})
+    served = Predictor(plain.model, plain.arch, plain.image_size, calibration=flips)
+    images = [decode_image(p.read_bytes()) for p in fullres_images[:3]]
+    inputs = torch.stack([plain.preprocess(im) for im in images])
+    each_view = torch.stack([plain.outputs(view, statistics=False).logits for view in dihedral_views(inputs, "flips")])
+    expected = (each_view.mean(0) / flips.temperature).softmax(1)
+    answers = served.predict(images)
+    assert torch.allclose(torch.tensor([list(a["probabilities"].values()) for a in answers]), expected, atol=1e-5)
+    assert not torch.allclose(expected, plain.probabilities(inputs), atol=1e-3)
+    assert served.model_card()["inference"] == {"views": "flips", "view_count": 4, "precision": "float32"}
+    # A calibration stored before the inference mode existed reads back as one view in float32.
+    older = Calibration.from_state({k: v for k, v in state.items() if k not in ("views", "bfloat16")})
+    assert (older.views, older.bfloat16) == ("none", False)
+
+
 def test_every_answer_carries_the_trust_fields(predictor, fullres_images) -> None:
     body = {"image": base64.b64encode(fullres_images[0].read_bytes()).decode()}
     [(status, answer)] = respond(predictor, [body])
@@ -129,6 +148,7 @@ def test_the_model_card_request_is_answered_with_the_card(predictor) -> None:
         assert [c["name"] for c in card["classes"]] == list(CLASS_NAMES)
         assert card["input_size"] == {"height": DEFAULT_IMAGE_SIZE[0], "width": DEFAULT_IMAGE_SIZE[1]}
         assert card["temperature"] == predictor.temperature
+        assert card["inference"]["views"] == predictor.views and card["inference"]["view_count"] >= 1
         assert card["thresholds"]["out_of_domain"] == predictor.calibration.domain_threshold
         assert card["test_metrics"] == predictor.card
     # Any other body is a prediction request as before.

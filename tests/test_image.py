@@ -9,7 +9,17 @@ import pytest
 import torch
 from PIL import Image
 
-from skinlesion.image import MAX_IMAGE_PIXELS, ImageError, decode_image, normalize, preprocess, resize
+from skinlesion.image import (
+    MAX_IMAGE_PIXELS,
+    TTA_VIEWS,
+    ImageError,
+    decode_image,
+    dihedral_views,
+    normalize,
+    preprocess,
+    resize,
+    shades_of_gray,
+)
 from skinlesion.model import DEFAULT_IMAGE_SIZE
 from training.__main__ import load_images
 from training.data import Sample
@@ -98,3 +108,35 @@ def test_training_and_serving_give_the_same_tensor(fullres_images, tmp_path) -> 
     assert served.shape == (3, *DEFAULT_IMAGE_SIZE)
     assert torch.equal(normalize(cached), served)
     assert torch.equal(cached, resize(decode_image(path.read_bytes()), DEFAULT_IMAGE_SIZE))
+
+
+def test_training_and_serving_share_the_colour_constancy(fullres_images) -> None:
+    image = decode_image(fullres_images[0].read_bytes())
+    (cached,) = load_images([Sample("a", "lesion", 0, fullres_images[0])], DEFAULT_IMAGE_SIZE, "test", 6.0)
+    assert torch.equal(normalize(cached), preprocess(image, DEFAULT_IMAGE_SIZE, 6.0))
+    assert not torch.equal(cached, resize(image, DEFAULT_IMAGE_SIZE))
+
+
+def test_shades_of_gray_removes_a_colour_cast() -> None:
+    rng = np.random.default_rng(0)
+    scene = rng.integers(40, 200, (1, 30, 40)).repeat(3, 0)  # grey content
+    cast = torch.from_numpy(scene * np.array([1.2, 0.9, 0.6])[:, None, None]).round().to(torch.uint8)
+    balanced = shades_of_gray(cast, 6.0)
+    assert balanced.dtype == torch.uint8 and balanced.shape == cast.shape
+    norms = balanced.float().pow(6).mean(dim=(-2, -1)).pow(1 / 6)
+    assert float(norms.max() - norms.min()) < 1.0 < float(cast.float().pow(6).mean(dim=(-2, -1)).pow(1 / 6).std())
+    # Already grey stays as it is; a batch is balanced image by image.
+    grey = torch.from_numpy(scene).to(torch.uint8)
+    assert torch.equal(shades_of_gray(grey, 6.0), grey)
+    assert torch.equal(shades_of_gray(torch.stack([cast, grey]), 6.0)[0], balanced)
+
+
+def test_dihedral_views_are_every_flip_and_transpose() -> None:
+    batch = torch.arange(2 * 3 * 4 * 6, dtype=torch.float32).reshape(2, 3, 4, 6)
+    views = dihedral_views(batch, "dihedral")
+    assert [tuple(v.shape) for v in views] == [(2, 3, 4, 6)] * 4 + [(2, 3, 6, 4)] * 4
+    assert len({(v.shape, tuple(v.flatten().tolist())) for v in views}) == 8
+    assert torch.equal(views[0], batch)
+    assert [len(dihedral_views(batch, name)) for name in TTA_VIEWS] == list(TTA_VIEWS.values())
+    with pytest.raises(ValueError, match="unknown views"):
+        dihedral_views(batch, "rotations")

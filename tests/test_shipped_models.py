@@ -66,3 +66,15 @@ def test_shipped_models_flag_non_lesions_and_pass_most_test_lesions(arch: str, t
 def test_the_model_card_is_generated_from_the_shipped_reports() -> None:
     expected = render(read_reports(ROOT / "model_store"))
     assert (ROOT / "MODEL_CARD.md").read_text() == expected, "run: python -m training.model_card"
+
+
+@pytest.mark.parametrize("page", ["README.md", "docs/training.md"])
+def test_metric_tables_quote_the_shipped_reports(page: str) -> None:
+    """The first five columns of each shipped model's row are its report's test figures, to 3 decimals."""
+    text = (ROOT / page).read_text()
+    for arch, report in read_reports(ROOT / "model_store").items():
+        [row] = [line for line in text.splitlines() if line.startswith(f"| {arch} | 0.")]
+        quoted = [cell.strip() for cell in row.split("|")[2:7]]
+        test = report["test"]
+        keys = ("accuracy", "balanced_accuracy", "macro_auc", "melanoma_auc", "melanoma_sensitivity")
+        assert quoted == [f"{test[key]:.3f}" for key in keys], f"{page}: {arch}'s row differs from model_store/{arch}.json"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,6 +24,8 @@ from skinlesion.image import decode_image
 from skinlesion.model import CLASS_CODES, CLASS_NAMES
 from skinlesion.predictor import Predictor
 from training.__main__ import parse_args, train
+from training.ablation import format_table
+from training.ablation import main as ablation_main
 from training.calibrate import main as calibrate_main
 from training.data import TEST_FOLDER, TRAIN_FOLDER, grouped_split, read_samples, split_dataset
 from training.evaluate import compute_metrics, predict_samples
@@ -357,6 +360,44 @@ def test_recipe_levers_train_and_the_moving_average_is_what_is_saved(tmp_path: P
     assert set(averaged) == set(saved)
     assert all(torch.allclose(saved[k].float(), averaged[k].float(), atol=1e-2) for k in saved if saved[k].is_floating_point())
     assert not torch.allclose(saved["fc.weight"].float(), last["model"]["fc.weight"].float(), atol=1e-3)
+
+
+def test_colour_constancy_is_stored_and_served(tmp_path: Path) -> None:
+    write_dataset(tmp_path / "ham", "download")
+    train(fast_args(tmp_path / "ham", tmp_path, "--colour-constancy", "6"))
+    predictor = Predictor.from_checkpoint(tmp_path / "out" / "resnet18.pt")
+    image = decode_image(next((tmp_path / "ham").rglob("*.jpg")).read_bytes())
+    assert predictor.colour_constancy == 6.0
+    assert not torch.equal(predictor.preprocess(image), Predictor(predictor.model, "resnet18", (32, 48)).preprocess(image))
+
+
+def test_ablation_trains_each_lever_once_and_never_reads_the_test_split(tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    write_dataset(tmp_path / "ham", "download")
+    argv = [str(tmp_path / "ham"), "--epochs", "1", "--seeds", "0", "--levers", "ema", "tta-flips", "--out",
+            str(tmp_path / "ablation"), "--training-flags", " ".join(FAST[2:])]
+    assert ablation_main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "training current-resnet18-e1-s0" in printed
+    table = printed[printed.index("resnet18, 1 epochs"):]
+    rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines() if line.startswith("| ")}
+    assert {"current", "ema", "tta-flips"} <= set(rows)
+    assert re.search(r"\| 0 \| 0\.\d{3} \(0\.\d{3}-0\.\d{3}\)", rows["tta-flips"])
+    report = json.loads((tmp_path / "ablation" / "current-resnet18-e1-s0.json").read_text())
+    assert "test" not in report and "calibration" not in report and report["arguments"]["ema"] > 0
+    assert "calibration" not in torch.load(tmp_path / "ablation" / "current-resnet18-e1-s0.pt", weights_only=True)
+    log = (tmp_path / "ablation" / "current-resnet18-e1-s0.log").read_text()
+    assert ablation_main(argv) == 0  # finished runs are read, not repeated
+    assert (tmp_path / "ablation" / "current-resnet18-e1-s0.log").read_text() == log
+    assert capsys.readouterr().out == table  # the same table, nothing trained
+
+
+def test_ablation_table_pairs_each_lever_with_the_current_recipe_on_the_same_seeds() -> None:
+    def row(balanced: float) -> dict:
+        return {"val_balanced_accuracy": balanced, "val_accuracy": 0.7, "val_macro_auc": 0.9, "val_melanoma_auc": 0.8}
+
+    table = format_table({"current": {0: row(0.50), 1: row(0.60)}, "lever": {0: row(0.54), 1: row(0.62)}}, [0, 1])
+    assert "| current | 0,1 | 0.550 (0.500-0.600) |" in table and table.endswith("| +0.030 |")
 
 
 def test_resume_with_a_different_schedule_is_a_clear_error(trained: Trained, tmp_path: Path) -> None:

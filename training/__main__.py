@@ -20,7 +20,15 @@ from torch import nn
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from skinlesion.image import ROTATION_DEGREES, decode_image, normalize, resize, train_transform
+from skinlesion.image import (
+    ROTATION_DEGREES,
+    decode_image,
+    dihedral_views,
+    normalize,
+    resize,
+    shades_of_gray,
+    train_transform,
+)
 from skinlesion.model import ARCHITECTURES, CLASS_CODES, DEFAULT_IMAGE_SIZE, build_model, load_checkpoint, save_checkpoint
 from training.calibrate import calibrate_checkpoint, format_calibration
 from training.data import Sample, split_dataset
@@ -61,6 +69,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
                    help="validate and save an exponential moving average of the weights (e.g. 0.999); 0: off")
     p.add_argument("--mixup", type=float, default=0.0, metavar="ALPHA", help="mixup of training batches; 0: off")
+    p.add_argument("--colour-constancy", type=float, default=0.0, metavar="POWER",
+                   help="Shades of Gray colour constancy of this power in the preprocessing (6 as in ISIC 2019's "
+                   "winner), stored in the checkpoint so serving applies it too; 0: off")
+    p.add_argument("--validation-only", action="store_true",
+                   help="for recipe comparisons (training.ablation): skip calibration and the test split; the report "
+                   "holds the validation history only")
     return p
 
 
@@ -88,12 +102,18 @@ class AugmentedImages(torch.utils.data.Dataset):
         return normalize(self.transform(self.images[i])), self.labels[i]
 
 
-def load_images(samples: list[Sample], size: tuple[int, int] | None, what: str) -> list[torch.Tensor]:
-    """uint8 tensors: resized to `size` (exactly the serving preprocessing) or, without it, as decoded."""
+def load_images(samples: list[Sample], size: tuple[int, int] | None, what: str,
+                colour_constancy: float = 0.0) -> list[torch.Tensor]:
+    """uint8 tensors: resized to `size` (exactly the serving preprocessing) or, without it, as decoded; with
+    colour constancy of that power either way."""
     images = []
     for s in tqdm(samples, desc=f"decoding {what}", leave=False):
         image = decode_image(s.path.read_bytes())
-        images.append(resize(image, size) if size else v2.functional.pil_to_tensor(image))
+        if size:
+            images.append(resize(image, size, colour_constancy))
+        else:
+            image = v2.functional.pil_to_tensor(image)
+            images.append(shades_of_gray(image, colour_constancy) if colour_constancy else image)
     return images
 
 
@@ -101,16 +121,16 @@ def load_data(args: argparse.Namespace, train_set: list[Sample], val_set: list[S
               ) -> tuple[torch.utils.data.DataLoader, torch.Tensor, torch.Tensor]:
     """The augmented training loader, and the validation photos preprocessed as served, with their labels."""
     loader = torch.utils.data.DataLoader(
-        AugmentedImages(load_images(train_set, None, "training images"), [s.label for s in train_set], args.image_size,
-                        args.rotation),
+        AugmentedImages(load_images(train_set, None, "training images", args.colour_constancy),
+                        [s.label for s in train_set], args.image_size, args.rotation),
         batch_size=args.batch_size,
         shuffle=True,
         drop_last=True,
         num_workers=args.workers,
         persistent_workers=args.workers > 0,
     )
-    return loader, torch.stack(load_images(val_set, args.image_size, "validation images")), torch.tensor(
-        [s.label for s in val_set])
+    val_inputs = torch.stack(load_images(val_set, args.image_size, "validation images", args.colour_constancy))
+    return loader, val_inputs, torch.tensor([s.label for s in val_set])
 
 
 def build_training_model(args: argparse.Namespace) -> nn.Module:
@@ -179,11 +199,14 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, logit_offset: torch.
     return {"epoch": epoch, "loss": total_loss / seen, "accuracy": correct / seen}
 
 
-def evaluate(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, device: str) -> dict:
-    """Validation metrics for preprocessed uint8 inputs."""
+def evaluate(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, device: str, views: str = "none") -> dict:
+    """Validation metrics for preprocessed uint8 inputs, the logits averaged over that many TTA views."""
     model.eval()
     with torch.inference_mode():
-        logits = torch.cat([model(normalize(chunk).to(device)).float().cpu() for chunk in inputs.split(VALIDATION_BATCH)])
+        logits = torch.cat([
+            torch.stack([model(view).float() for view in dihedral_views(normalize(chunk).to(device), views)]).mean(0).cpu()
+            for chunk in inputs.split(VALIDATION_BATCH)
+        ])
     metrics = compute_metrics(labels.numpy(), logits.softmax(1).numpy())
     return {
         "val_loss": float(nn.functional.cross_entropy(logits, labels)),
@@ -239,12 +262,15 @@ def train(args: argparse.Namespace) -> dict:
         start = time.time()
         row = train_one_epoch(model, criterion, logit_offset, optimizer, scheduler, loader, args, epoch, mixup, ema)
         row.update(evaluate(evaluated, val_inputs, val_labels, args.device))
+        if ema is not None:
+            # The raw weights' figures too: the EMA changes what is evaluated, not how training goes.
+            row.update({f"raw_{k}": v for k, v in evaluate(model, val_inputs, val_labels, args.device).items()})
         state["seconds"] += time.time() - start
         state["history"].append(row)
         improved = row["val_balanced_accuracy"] > state["best"]
         if improved:
             state["best"] = row["val_balanced_accuracy"]
-            save_checkpoint(evaluated, args.type, args.image_size, args.modelname)
+            save_checkpoint(evaluated, args.type, args.image_size, args.modelname, args.colour_constancy)
         state["epoch"] = epoch
         torch.save(
             {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -263,11 +289,7 @@ def train(args: argparse.Namespace) -> dict:
 def write_report(args: argparse.Namespace, state: dict, train_set: list[Sample], val_set: list[Sample],
                  test_set: list[Sample]) -> dict:
     """Calibrate the best epoch's weights, score the test split once with calibrated probabilities (exactly as
-    served), and write the report and figures beside the weights."""
-    calibrated = calibrate_checkpoint(args.modelname, train_set, val_set, test_set)
-    test_metrics = calibrated["test"]
-    print(format_report(test_metrics), flush=True)
-    print(format_calibration(calibrated["calibration"]), flush=True)
+    served), and write the report and figures beside the weights (with --validation-only: the history alone)."""
     report = {
         "model": args.type,
         "weights": str(args.modelname),
@@ -276,10 +298,16 @@ def write_report(args: argparse.Namespace, state: dict, train_set: list[Sample],
         "training_seconds": round(state["seconds"], 1),
         "best_epoch": max(state["history"], key=lambda r: r["val_balanced_accuracy"]),
         "history": state["history"],
-        "test": test_metrics,
-        "calibration": calibrated["calibration"],
     }
     stem = args.modelname.with_suffix("")
+    if args.validation_only:
+        Path(f"{stem}.json").write_text(to_json(report))
+        return report
+    calibrated = calibrate_checkpoint(args.modelname, train_set, val_set, test_set)
+    test_metrics = calibrated["test"]
+    print(format_report(test_metrics), flush=True)
+    print(format_calibration(calibrated["calibration"]), flush=True)
+    report.update(test=test_metrics, calibration=calibrated["calibration"])
     Path(f"{stem}.json").write_text(to_json(report))
     plot_confusion(test_metrics["confusion_matrix"], f"{stem}_confusion.png", f"{args.type} on the test split")
     plot_curves(state["history"], f"{stem}_curves.png", args.type)

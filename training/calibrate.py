@@ -2,16 +2,20 @@
 checkpoint, and report it on the test split. Rerun whenever the weights change (training runs it too).
 
     python -m training.calibrate ROOT --type resnet34 [--weights model_store/resnet34.pt] [--json model_store/resnet34.json]
+        [--views flips] [--bfloat16]
 
 Fitted on the training split (class Gaussians) and the validation split (temperature, thresholds); the
 out-of-domain score is chosen on validation lesions against one draw of the out-of-domain set
 (training/ood.py, seed 0, damaged validation lesions) and reported on test lesions against another
-(seed 1, damaged test lesions).
+(seed 1, damaged test lesions). Everything is fitted for one way of running the network, which the
+checkpoint then serves with: test-time views and a bfloat16 trunk (defaults chosen on validation,
+docs/training.md).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -30,13 +34,18 @@ from skinlesion.calibration import (
     malignant_probability,
     validation_pass_rate,
 )
-from skinlesion.image import decode_image
+from skinlesion.image import TTA_VIEWS, decode_image
 from skinlesion.model import ARCHITECTURES, add_to_checkpoint
-from skinlesion.predictor import Outputs, Predictor
+from skinlesion.predictor import Outputs, Predictor, native_bfloat16
 from training.data import Sample, split_dataset
 from training.evaluate import compute_metrics, to_json
 from training.ood import out_of_domain_set
 
+# How checkpoints run unless told otherwise (chosen on the validation split, docs/training.md): the four flips
+# averaged (the four transposes added nothing), the trunk in bfloat16 where the hardware has it, which pays
+# for most of the views (bench/inference.py).
+INFERENCE_VIEWS = "flips"
+INFERENCE_BFLOAT16 = True
 # Lesions damaged for each out-of-domain draw (half cropped away, half blurred).
 DAMAGED_LESIONS = 60
 SELECTION_SEED, REPORT_SEED = 0, 1
@@ -46,9 +55,14 @@ def decode_samples(samples: list[Sample]) -> list[Image.Image]:
     return [decode_image(s.path.read_bytes()) for s in samples]
 
 
-def image_outputs(predictor: Predictor, images: list[Image.Image], batch_size: int = 64) -> Outputs:
-    """Raw network outputs for RGB images, preprocessed exactly as served."""
-    parts = [predictor.outputs(torch.stack([predictor.preprocess(im) for im in images[i : i + batch_size]]))
+def image_outputs(predictor: Predictor, images: list[Image.Image], batch_size: int = 64, views: str | None = None,
+                  bfloat16: bool | None = None) -> Outputs:
+    """Raw network outputs for RGB images, preprocessed exactly as served and run as served (or with these
+    test-time views and trunk precision)."""
+    views = predictor.views if views is None else views
+    bfloat16 = predictor.bfloat16 if bfloat16 is None else bfloat16
+    parts = [predictor.outputs(torch.stack([predictor.preprocess(im) for im in images[i : i + batch_size]]),
+                               bfloat16=bfloat16, views=views)
              for i in range(0, len(images), batch_size)]
     return Outputs(*(torch.cat([getattr(p, field) for p in parts]) for field in ("logits", "features", "statistics")))
 
@@ -98,27 +112,34 @@ def nll(probabilities: torch.Tensor, labels: torch.Tensor) -> float:
     return float(torch.nn.functional.nll_loss(probabilities.clamp_min(1e-12).log(), labels))
 
 
-def calibrate_checkpoint(weights: Path, train: list[Sample], val: list[Sample], test: list[Sample]) -> dict:
-    """Fit the calibration of `weights`, store it (and the card's metrics) in the checkpoint; returns the report:
-    {"calibration": what was fitted and how it does, "test": compute_metrics with calibrated probabilities}."""
+def calibrate_checkpoint(weights: Path, train: list[Sample], val: list[Sample], test: list[Sample],
+                         views: str = INFERENCE_VIEWS, bfloat16: bool = INFERENCE_BFLOAT16) -> dict:
+    """Fit the calibration of `weights` for running it with these test-time views and trunk precision, store it
+    (and the card's metrics) in the checkpoint; returns the report: {"calibration": what was fitted and how it
+    does, "test": compute_metrics with calibrated probabilities}."""
     predictor = Predictor.from_checkpoint(weights)  # its outputs are raw, whatever an earlier fit stored
+
+    def outputs(images: list[Image.Image]) -> Outputs:
+        # As this machine will serve it: a bfloat16 trunk only where the hardware has one.
+        return image_outputs(predictor, images, views=views, bfloat16=bfloat16 and native_bfloat16(predictor.device.type))
+
     val_images, test_images = decode_samples(val), decode_samples(test)
-    splits = {"train": fit_data(image_outputs(predictor, decode_samples(train)), train),
-              "val": fit_data(image_outputs(predictor, val_images), val),
-              "test": fit_data(image_outputs(predictor, test_images), test)}
-    calibration = fit_calibration(splits["train"], splits["val"])
+    splits = {"train": fit_data(outputs(decode_samples(train)), train),
+              "val": fit_data(outputs(val_images), val),
+              "test": fit_data(outputs(test_images), test)}
+    calibration = dataclasses.replace(fit_calibration(splits["train"], splits["val"]), views=views, bfloat16=bfloat16)
 
     rng = np.random.default_rng(SELECTION_SEED)
     chosen = [val_images[i] for i in rng.choice(len(val_images), min(DAMAGED_LESIONS, len(val_images)), replace=False)]
     selection_set = out_of_domain_set(chosen, SELECTION_SEED)
-    candidates = score_candidates(splits["train"], splits["val"], image_outputs(predictor, [im for _, im in selection_set]))
+    candidates = score_candidates(splits["train"], splits["val"], outputs([im for _, im in selection_set]))
     comparison = {name: {"auroc": auroc(v, o), "flagged": flagged_share(o, threshold_for(v))}
                   for name, (v, o) in candidates.items()}
 
     rng = np.random.default_rng(REPORT_SEED)
     chosen = [test_images[i] for i in rng.choice(len(test_images), min(DAMAGED_LESIONS, len(test_images)), replace=False)]
     report_set = out_of_domain_set(chosen, REPORT_SEED)
-    ood = image_outputs(predictor, [im for _, im in report_set])
+    ood = outputs([im for _, im in report_set])
     kinds = np.array([kind for kind, _ in report_set])
     test_scores = calibration.domain_score(splits["test"].statistics, splits["test"].features)
     ood_scores = calibration.domain_score(ood.statistics, ood.features)
@@ -131,6 +152,8 @@ def calibrate_checkpoint(weights: Path, train: list[Sample], val: list[Sample], 
     metrics = compute_metrics(test_data.labels.numpy(), after.numpy())
     val_probabilities = (splits["val"].logits / calibration.temperature).softmax(1)
     report = {
+        "views": views,
+        "bfloat16": bfloat16,
         "temperature": calibration.temperature,
         "test_before": {"nll": nll(before, test_data.labels), "ece": metrics_before["expected_calibration_error"]},
         "test_after": {"nll": nll(after, test_data.labels), "ece": metrics["expected_calibration_error"]},
@@ -180,6 +203,7 @@ def alert_rates(probabilities: torch.Tensor, labels: torch.Tensor, calibration: 
 def format_calibration(report: dict) -> str:
     ood = report["out_of_domain"]
     lines = [
+        f"fitted for             test-time views {report['views']}, {'bfloat16' if report['bfloat16'] else 'float32'} trunk",
         f"temperature            {report['temperature']:.3f}",
         f"test NLL               {report['test_before']['nll']:.4f} -> {report['test_after']['nll']:.4f}",
         f"test ECE (15 bins)     {report['test_before']['ece']:.4f} -> {report['test_after']['ece']:.4f}",
@@ -208,12 +232,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="training report to update with the calibration and calibrated test metrics "
                         "(default: <weights>.json when it exists)")
     parser.add_argument("--seed", type=int, default=0, help="the training run's split seed")
+    parser.add_argument("--views", choices=TTA_VIEWS, default=INFERENCE_VIEWS,
+                        help="test-time views the checkpoint is served with (none: 1, flips: 4, dihedral: 8)")
+    parser.add_argument("--bfloat16", action=argparse.BooleanOptionalAction, default=INFERENCE_BFLOAT16,
+                        help="serve with a bfloat16 trunk where the hardware has it")
     args = parser.parse_args(argv)
     weights = args.weights or Path("model_store") / f"{args.type}.pt"
     report_path = args.json or weights.with_suffix(".json")
     try:
         train, val, test = split_dataset(args.root, args.seed)
-        result = calibrate_checkpoint(weights, train, val, test)
+        result = calibrate_checkpoint(weights, train, val, test, args.views, args.bfloat16)
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

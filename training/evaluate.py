@@ -1,6 +1,7 @@
 """Evaluate a checkpoint on labelled HAM10000 images with the serving predictor.
 
     python -m training.evaluate ROOT --type resnet34 --weights model_store/resnet34.pt [--json OUT]
+        [--split all|validation|test] [--views none|flips|dihedral] [--compare-bfloat16]
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 from sklearn.metrics import balanced_accuracy_score, confusion_matrix, precision_recall_fscore_support, roc_auc_score
 
 from skinlesion.calibration import MALIGNANT_INDICES
-from skinlesion.image import decode_image
+from skinlesion.image import TTA_VIEWS, decode_image
 from skinlesion.model import ARCHITECTURES, CLASS_CODES
 from skinlesion.predictor import Predictor
 from training.data import Sample, read_samples, split_dataset
@@ -79,15 +80,17 @@ def compute_metrics(labels: np.ndarray, probs: np.ndarray) -> dict:
     }
 
 
-def predict_samples(predictor: Predictor, samples: list[Sample], batch_size: int = 64,
-                    bfloat16: bool = False) -> np.ndarray:
-    """Class probabilities for samples' image files, decoded and preprocessed exactly as served (`bfloat16`:
-    the convolutional trunk in bfloat16, as LIME runs it)."""
+def predict_samples(predictor: Predictor, samples: list[Sample], batch_size: int = 64, bfloat16: bool | None = None,
+                    views: str | None = None) -> np.ndarray:
+    """Class probabilities for samples' image files, decoded, preprocessed and run exactly as served, or with
+    the trunk in bfloat16 or not and over these test-time views."""
+    bfloat16 = predictor.bfloat16 if bfloat16 is None else bfloat16
+    views = predictor.views if views is None else views
     chunks = []
     for start in range(0, len(samples), batch_size):
         batch = samples[start : start + batch_size]
         inputs = torch.stack([predictor.preprocess(decode_image(s.path.read_bytes())) for s in batch])
-        chunks.append(predictor.probabilities(inputs, bfloat16=bfloat16).numpy())
+        chunks.append(predictor.calibrated(predictor.outputs(inputs, batch_size, bfloat16, False, views).logits).numpy())
     return np.concatenate(chunks) if chunks else np.zeros((0, len(CLASS_CODES)))
 
 
@@ -137,16 +140,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weights", type=Path, default=None, help="checkpoint (default model_store/<type>.pt)")
     parser.add_argument("--json", type=Path, default=None, help="also write the metrics here")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--split", choices=("all", "test"), default="all",
-                        help="all: every listed image found; test: the training command's test side (same --seed)")
-    parser.add_argument("--seed", type=int, default=0, help="with --split test and no test folder: the split's seed")
+    parser.add_argument("--split", choices=("all", "validation", "test"), default="all",
+                        help="all: every listed image found; validation, test: the training command's (same --seed)")
+    parser.add_argument("--seed", type=int, default=0, help="with --split validation|test: the training run's seed")
+    parser.add_argument("--views", choices=TTA_VIEWS, default=None,
+                        help="test-time views averaged (none: 1, flips: 4, dihedral: 8); default: as the checkpoint serves")
     parser.add_argument("--compare-bfloat16", action="store_true",
-                        help="also run the trunk in bfloat16 and print how often the label agrees and the largest change")
+                        help="score with a float32 trunk, then also run it in bfloat16 and print how often the label "
+                        "agrees and the largest probability change")
     args = parser.parse_args(argv)
     weights = args.weights or Path("model_store") / f"{args.type}.pt"
     try:
-        if args.split == "test":
-            samples = split_dataset(args.root, args.seed)[2]
+        if args.split != "all":
+            samples = split_dataset(args.root, args.seed)[("validation", "test").index(args.split) + 1]
         else:
             samples = [s for s in read_samples(args.root, require_images=False) if s.path is not None]
         if not samples:
@@ -157,12 +163,13 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    probs = predict_samples(predictor, samples, args.batch_size)
+    probs = predict_samples(predictor, samples, args.batch_size, False if args.compare_bfloat16 else None, args.views)
     metrics = compute_metrics(np.array([s.label for s in samples]), probs)
-    metrics.update(model=args.type, weights=str(weights))
-    print(format_report(metrics))
+    views = args.views or predictor.views
+    metrics.update(model=args.type, weights=str(weights), views=views)
+    print(f"test-time views        {views}\n" + format_report(metrics))
     if args.compare_bfloat16:
-        fast = predict_samples(predictor, samples, args.batch_size, bfloat16=True)
+        fast = predict_samples(predictor, samples, args.batch_size, bfloat16=True, views=args.views)
         agree = float((fast.argmax(1) == probs.argmax(1)).mean())
         print(f"\nbfloat16 trunk: same label for {agree:.4f} of the images, largest probability change "
               f"{float(np.abs(fast - probs).max()):.4f}")
