@@ -107,7 +107,7 @@ def format_table(rows: dict[str, dict[int, dict]], seeds: list[int]) -> str:
             continue
         cells = []
         for metric in METRICS:
-            values = np.array([by_seed[s][metric] for s in by_seed])
+            values = np.array([by_seed[s][metric] for s in by_seed], dtype=float)  # null (undefined) -> nan
             cells.append(f"{values.mean():.3f} ({values.min():.3f}-{values.max():.3f})")
         paired = [by_seed[s]["val_balanced_accuracy"] - rows["current"][s]["val_balanced_accuracy"]
                   for s in by_seed if s in rows.get("current", {})]

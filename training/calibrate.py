@@ -42,8 +42,8 @@ from training.evaluate import compute_metrics, to_json
 from training.ood import out_of_domain_set
 
 # How checkpoints run unless told otherwise (chosen on the validation split, docs/training.md): the four flips
-# averaged (the four transposes added nothing), the trunk in bfloat16 where the hardware has it, which pays
-# for most of the views (bench/inference.py).
+# averaged (adding the four transposes did not help consistently), the trunk in bfloat16 where the hardware has it, which pays
+# for one of the three extra views (python -m bench.inference).
 INFERENCE_VIEWS = "flips"
 INFERENCE_BFLOAT16 = True
 # Lesions damaged for each out-of-domain draw (half cropped away, half blurred).
