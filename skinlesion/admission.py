@@ -2,9 +2,10 @@
 
 An explanation is admitted only when it can finish by its deadline: the seconds the explanations already
 admitted will take (each kind's recent median, measured as they finish), spread over the explanation
-workers, plus its own, must fit. Otherwise it is refused at once with the expected wait. A worker that
-picks up an explanation past its deadline answers without computing it, and LIME stops between sample
-batches once the deadline passes, so no worker spends minutes on a request whose client has gone.
+workers, plus its own, must fit with a margin for the spread of durations. Otherwise it is refused at once
+with the expected wait. A worker that picks up an explanation past its deadline answers without computing
+it, and LIME stops between sample batches once the deadline passes, so no worker spends minutes on a request
+whose client has gone.
 
 The ledger is one SQLite file that every worker of one server instance opens (in its temp folder): the
 workers that explain register there with their deadline, the worker that admits records each admitted
@@ -28,6 +29,10 @@ from skinlesion.options import EXPECTED_SECONDS as FIRST_GUESS_SECONDS
 
 # Durations kept per kind for the median.
 RECENT_DURATIONS = 20
+# The work ahead is counted this much larger: one kind's durations spread by about this around their median
+# here (Low at full resolution: 1.2 to 2.3 s), and an explanation admitted with no room to spare would be
+# computed, then refused at its deadline.
+ADMISSION_MARGIN = 1.25
 LEDGER_NAME = "skin-explanations.sqlite"
 
 
@@ -112,13 +117,13 @@ class Ledger:
                 ahead = [k for (k,) in db.execute("SELECT kind FROM admitted").fetchall()]
                 wait = sum(self.expected_seconds(db, k) for k in ahead) / count
                 own = self.expected_seconds(db, kind)
-                if (now - arrival) + wait + own > deadline:
+                if (now - arrival) + ADMISSION_MARGIN * (wait + own) > deadline:
                     db.execute("COMMIT")
-                    retry = max(1, math.ceil(wait + own - deadline))
+                    retry = max(1, math.ceil(ADMISSION_MARGIN * (wait + own) - deadline))
                     return Refusal(
-                        f"explanations are busy: {len(ahead)} ahead, about {math.ceil(wait)} s of work for "
-                        f"{count} workers, more than the {deadline:g} s an explanation may take; retry in {retry} s, "
-                        "or use method gradcam", retry)
+                        f"explanations are busy: {len(ahead)} ahead on {count} workers, about {math.ceil(wait + own)} s "
+                        f"until this one would finish, too close to the {deadline:g} s an explanation may take; retry in "
+                        f"{retry} s, or use method gradcam", retry)
                 db.execute("INSERT OR REPLACE INTO admitted VALUES (?, ?, ?)", (request_id, kind, arrival))
                 db.execute("COMMIT")
                 return None
@@ -132,7 +137,8 @@ class Ledger:
         return row[0] if row else None
 
     def finish(self, request_id: str, kind: str, seconds: float | None) -> None:
-        """The explanation is answered; `seconds` is what computing it took (None: it was not computed)."""
+        """The explanation is answered; `seconds` is what its worker spent on the request, decoding and the
+        prediction included (None: it was not computed)."""
         with self.connect() as db:
             db.execute("DELETE FROM admitted WHERE request_id = ?", (request_id,))
             if seconds is not None:

@@ -168,6 +168,7 @@ def respond(predictor: Predictor, bodies: list[Any], timings: dict[str, float] |
     `arrivals` (one per body) say when each request arrived and as what; without them, now.
     """
     start = time.perf_counter()
+    handling_since = time.time()
     arrivals = arrivals or [Arrival("", time.time()) for _ in bodies]
     answers: list[tuple[int, dict] | None] = [None] * len(bodies)
     accepted: list[tuple[int, PredictRequest, Image.Image]] = []
@@ -203,13 +204,14 @@ def respond(predictor: Predictor, bodies: list[Any], timings: dict[str, float] |
     for (i, request, image), result in zip(accepted, results, strict=True):
         answers[i] = (200, {"success": True, **result})
         if request.explain:
-            answers[i] = explain(predictor, image, request, answers[i], arrivals[i], ledger, deadline)
+            answers[i] = explain(predictor, image, request, answers[i], arrivals[i], ledger, deadline, handling_since)
     return answers
 
 
 def explain(predictor: Predictor, image: Image.Image, request: PredictRequest, answer: tuple[int, dict],
-            arrival: Arrival, ledger: Ledger | None, deadline: float | None) -> tuple[int, dict]:
-    """The prediction's answer with its explanation added, or the reason there is none."""
+            arrival: Arrival, ledger: Ledger | None, deadline: float | None, handling_since: float) -> tuple[int, dict]:
+    """The prediction's answer with its explanation added, or the reason there is none. The ledger learns the
+    seconds since `handling_since`, when this worker took the request: what the admission must expect of it."""
     kind = explanation_kind(request.method, request.precision)
     # The arrival the admitting worker recorded is the request's first; nginx's header on the replay is later.
     arrived = (ledger.arrival(arrival.request_id) if ledger and arrival.request_id else None) or arrival.seconds
@@ -225,8 +227,8 @@ def explain(predictor: Predictor, image: Image.Image, request: PredictRequest, a
         label = CLASS_NAMES.index(answer[1]["prediction"])
         log.info("explaining %s (%s)", arrival.request_id or "-", kind)
         answer[1].update(explanation_payload(predictor, image, label, request.method, request.precision, until=until))
-        computed = time.time() - started
-        log.info("explained %s (%s) in %.2f s", arrival.request_id or "-", kind, computed)
+        log.info("explained %s (%s) in %.2f s", arrival.request_id or "-", kind, time.time() - started)
+        computed = time.time() - handling_since
         return answer
     except DeadlinePassed:
         log.warning("explanation %s (%s) stopped at its deadline after %.2f s", arrival.request_id or "-", kind,

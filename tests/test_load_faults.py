@@ -159,4 +159,9 @@ def test_a_client_batch_survives_a_worker_kill(service, fullres_images) -> None:
     assert batch.returncode == 0, stderr
     assert [json.loads(line)["success"] for line in stdout.splitlines()] == [True] * 3
     # The killed worker's request failed once (500 or 507, see above) and was retried: a real failure survived.
-    assert len(statuses) == 4 and sorted(statuses)[:3] == ["200"] * 3 and sorted(statuses)[3] in ("500", "507"), statuses
+    # While its replacement starts one worker is left, and admitted explanations that were never computed (the
+    # killed one, any an earlier test left) count until their deadline (docs/explanations.md): a retry may be
+    # refused at once (503) before one is admitted.
+    failures = [status for status in statuses if status != "200"]
+    assert statuses.count("200") == 3 and len([s for s in failures if s in ("500", "507")]) == 1, (statuses, stderr)
+    assert set(failures) <= {"500", "507", "503"}, (statuses, stderr)

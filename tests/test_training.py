@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 import shutil
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -390,6 +392,13 @@ def test_ablation_trains_each_lever_once_and_never_reads_the_test_split(tmp_path
     assert ablation_main(argv) == 0  # finished runs are read, not repeated
     assert (tmp_path / "ablation" / "current-resnet18-e1-s0.log").read_text() == log
     assert capsys.readouterr().out == table  # the same table, nothing trained
+    # A run redone by hand since its metrics were cached is read again.
+    report_path = tmp_path / "ablation" / "current-resnet18-e1-s0.json"
+    report["history"][-1]["raw_val_balanced_accuracy"] = 0.123
+    report_path.write_text(json.dumps(report))
+    os.utime(report_path, (time.time() + 5, time.time() + 5))
+    assert ablation_main([*argv, "--report-only"]) == 0
+    assert "| current | 0 | 0.123 (0.123-0.123) |" in capsys.readouterr().out
 
 
 def test_ablation_table_pairs_each_lever_with_the_current_recipe_on_the_same_seeds() -> None:
@@ -493,6 +502,22 @@ def test_evaluate_cli_on_the_test_split_reproduces_the_training_report(trained: 
     assert metrics["n_images"] == trained.report["images"]["test"]
     assert metrics["confusion_matrix"] == trained.report["test"]["confusion_matrix"]
     assert metrics["balanced_accuracy"] == pytest.approx(trained.report["test"]["balanced_accuracy"])
+
+
+def test_evaluate_cli_averages_an_ensemble_of_checkpoints(trained: Trained, checkpoints: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ensemble.json"
+    member = checkpoints / "resnet34.pt"
+    code = evaluate_main([str(trained.root), "--split", "test", "--type", "resnet18", "--weights", str(trained.weights),
+                          "--ensemble", str(member), "--json", str(out)])
+    assert code == 0
+    metrics = json.loads(out.read_text())
+    samples = split_dataset(trained.root, 0)[2]
+    probs = (predict_samples(Predictor.from_checkpoint(trained.weights), samples)
+             + predict_samples(Predictor.from_checkpoint(member), samples)) / 2
+    expected = compute_metrics(np.array([s.label for s in samples]), probs)
+    assert metrics["ensemble"] == [str(member)] and metrics["confusion_matrix"] == expected["confusion_matrix"]
+    assert metrics["macro_auc"] == pytest.approx(expected["macro_auc"])
+    assert metrics["macro_auc"] != pytest.approx(trained.report["test"]["macro_auc"])  # the member counted
 
 
 def test_evaluate_cli_rejects_the_wrong_architecture(trained: Trained, capsys: pytest.CaptureFixture[str]) -> None:

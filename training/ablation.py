@@ -81,9 +81,10 @@ def score(args: argparse.Namespace, lever: str, seed: int) -> dict | None:
     if not (args.out / f"{name}.json").exists():
         return None
     cache = args.out / f"{run_name(lever, args.type, args.epochs, seed)}.metrics.json"
-    if cache.exists():
+    report_path = args.out / f"{name}.json"
+    if cache.exists() and cache.stat().st_mtime >= report_path.stat().st_mtime:  # else the run was redone since
         return json.loads(cache.read_text())
-    report = json.loads((args.out / f"{name}.json").read_text())
+    report = json.loads(report_path.read_text())
     last = args.out / "checkpoints" / name / "last.pt"
     if lever in ("tta-flips", "tta-dihedral"):
         metrics = final_metrics(last, report, views=lever.removeprefix("tta-"))

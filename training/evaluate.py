@@ -2,6 +2,7 @@
 
     python -m training.evaluate ROOT --type resnet34 --weights model_store/resnet34.pt [--json OUT]
         [--split all|validation|test] [--views none|flips|dihedral] [--compare-bfloat16]
+        [--ensemble model_store/resnet18.pt ...]
 """
 
 from __future__ import annotations
@@ -148,7 +149,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compare-bfloat16", action="store_true",
                         help="score with a float32 trunk, then also run it in bfloat16 and print how often the label "
                         "agrees and the largest probability change")
+    parser.add_argument("--ensemble", type=Path, nargs="+", default=[], metavar="CHECKPOINT",
+                        help="average the calibrated probabilities with these checkpoints' (each run as it serves): a "
+                        "reference figure, since the service answers with one model")
     args = parser.parse_args(argv)
+    if args.ensemble and args.compare_bfloat16:
+        parser.error("--compare-bfloat16 compares one checkpoint: leave out --ensemble")
     weights = args.weights or Path("model_store") / f"{args.type}.pt"
     try:
         if args.split != "all":
@@ -160,13 +166,20 @@ def main(argv: list[str] | None = None) -> int:
         predictor = Predictor.from_checkpoint(weights)
         if predictor.arch != args.type:
             raise ValueError(f"{weights} holds a {predictor.arch}, not a {args.type}")
+        members = [Predictor.from_checkpoint(path) for path in args.ensemble]
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     probs = predict_samples(predictor, samples, args.batch_size, False if args.compare_bfloat16 else None, args.views)
+    for member in members:
+        probs = probs + predict_samples(member, samples, args.batch_size, views=args.views)
+    probs = probs / (1 + len(members))
     metrics = compute_metrics(np.array([s.label for s in samples]), probs)
     views = args.views or predictor.views
     metrics.update(model=args.type, weights=str(weights), views=views)
+    if members:
+        metrics["ensemble"] = [str(path) for path in args.ensemble]
+        print(f"ensemble               {weights} + {' + '.join(map(str, args.ensemble))}, probabilities averaged")
     print(f"test-time views        {views}\n" + format_report(metrics))
     if args.compare_bfloat16:
         fast = predict_samples(predictor, samples, args.batch_size, bfloat16=True, views=args.views)
