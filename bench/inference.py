@@ -1,7 +1,7 @@
 """What each way of running plain predictions costs in-process (test-time views, bfloat16 trunk: set per
 checkpoint by `python -m training.calibrate --views --bfloat16`), against one float32 view in the same run.
 
-    .venv/bin/python -m bench.inference [--models resnet18 resnet34] [--threads 2] [--repeats 30]
+    .venv/bin/python bench/inference.py [--models resnet18 resnet34] [--threads 2] [--repeats 30]
 
 Per mode: the median latency of Predictor.predict on one 600x450 photo (what a request at concurrency 1 waits
 for in the worker) and its throughput in batches of 8 (TorchServe's batching), each as a multiple of the

@@ -1,5 +1,6 @@
 """One home per setting: files that cannot read skinlesion.options repeat its values, and these tests fail
-when a copy disagrees; the clients and the launcher stay torch-free."""
+when a copy disagrees; the clients and the launcher stay torch-free; the benchmark scripts start as
+bench/__init__.py says they run."""
 
 from __future__ import annotations
 
@@ -43,6 +44,13 @@ def test_the_client_and_the_launcher_import_no_torch() -> None:
 def properties(path) -> dict[str, str]:
     lines = [line.strip() for line in path.read_text().splitlines()]
     return dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
+
+
+def test_every_benchmark_starts_as_a_script_from_anywhere(tmp_path) -> None:
+    scripts = sorted(p for p in (ROOT / "bench").rglob("*.py") if p.name != "__init__.py")
+    for script in scripts:
+        run = subprocess.run([sys.executable, str(script), "--help"], cwd=tmp_path, capture_output=True, text=True)
+        assert run.returncode == 0 and "usage:" in run.stdout, (script, run.stderr[-500:])
 
 
 def test_the_ports_agree_with_config_properties_serve_sh_and_compose() -> None:
