@@ -78,10 +78,10 @@ def score(args: argparse.Namespace, lever: str, seed: int) -> dict | None:
     """The (lever, seed) row's metrics, or None when its run has not finished."""
     source = DERIVED.get(lever, lever)
     name = run_name(source, args.type, args.epochs, seed)
-    if not (args.out / f"{name}.json").exists():
+    report_path = args.out / f"{name}.json"
+    if not report_path.exists():
         return None
     cache = args.out / f"{run_name(lever, args.type, args.epochs, seed)}.metrics.json"
-    report_path = args.out / f"{name}.json"
     if cache.exists() and cache.stat().st_mtime >= report_path.stat().st_mtime:  # else the run was redone since
         return json.loads(cache.read_text())
     report = json.loads(report_path.read_text())
