@@ -2,7 +2,7 @@
 TorchServe, on real full-size photos, with the served time split into its parts.
 
     .venv/bin/python bench/serving.py [--requests 240] [--concurrency 1 4 8 16] [--models resnet18 resnet34]
-                                  [--model-config handler/model-config.yaml] [--explain-load]
+                                    [--model-config handler/model-config.yaml] [--explain-load]
 
 It builds archives of the shipped weights with the given per-version TorchServe settings of the plain-
 prediction model "skin" (the levers: workers, batchSize, maxBatchDelay, torch_threads; explanations keep
