@@ -9,7 +9,8 @@ whose client has gone.
 
 The ledger is one SQLite file that every worker of one server instance opens (in its temp folder): the
 workers that explain register there with their deadline, the worker that admits records each admitted
-explanation, and the explaining workers record each finish and how long it took.
+explanation, and the explaining workers record which of them computes it, each finish and how long it took.
+An explanation whose worker died stops counting at the next admission.
 """
 
 from __future__ import annotations
@@ -53,6 +54,16 @@ class DeadlinePassed(Exception):
     """Raised inside an explanation once its deadline has passed; the work done so far is dropped."""
 
 
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: it exists
+        pass
+    return True
+
+
 def default_ledger_path() -> Path:
     # TorchServe's instance sets TMPDIR (serve.py), so each server instance on a host has its own ledger.
     return Path(tempfile.gettempdir()) / LEDGER_NAME
@@ -66,6 +77,7 @@ class Ledger:
             db.execute("CREATE TABLE IF NOT EXISTS workers (pid INTEGER PRIMARY KEY, pool TEXT, deadline REAL)")
             db.execute("CREATE TABLE IF NOT EXISTS admitted (request_id TEXT PRIMARY KEY, kind TEXT, arrival REAL)")
             db.execute("CREATE TABLE IF NOT EXISTS durations (kind TEXT, seconds REAL, finished REAL)")
+            db.execute("CREATE TABLE IF NOT EXISTS computing (request_id TEXT PRIMARY KEY, pid INTEGER)")
 
     @contextmanager
     def connect(self) -> Iterator[sqlite3.Connection]:
@@ -84,17 +96,13 @@ class Ledger:
 
     def workers(self, db: sqlite3.Connection, pool: str = "") -> tuple[int, float | None]:
         """(explaining workers of `pool` alive, their deadline); workers whose process has gone are forgotten."""
-        rows = db.execute("SELECT pid, deadline FROM workers WHERE pool = ?", (pool,)).fetchall()
-        alive = []
-        for pid, deadline in rows:
-            try:
-                os.kill(pid, 0)
-                alive.append(deadline)
-            except ProcessLookupError:
+        deadlines = []
+        for pid, deadline in db.execute("SELECT pid, deadline FROM workers WHERE pool = ?", (pool,)).fetchall():
+            if alive(pid):
+                deadlines.append(deadline)
+            else:
                 db.execute("DELETE FROM workers WHERE pid = ?", (pid,))
-            except PermissionError:
-                alive.append(deadline)
-        return len(alive), (min(alive) if alive else None)
+        return len(deadlines), (min(deadlines) if deadlines else None)
 
     def expected_seconds(self, db: sqlite3.Connection, kind: str) -> float:
         rows = db.execute("SELECT seconds FROM durations WHERE kind = ? ORDER BY finished DESC LIMIT ?",
@@ -112,8 +120,13 @@ class Ledger:
                 if not count:  # no explaining worker has registered (yet): nothing to measure against
                     db.execute("COMMIT")
                     return None
-                # Explanations past their deadline are answered at once without computing: they cost nothing.
+                # Explanations past their deadline are answered at once without computing, and those whose worker
+                # died are answered with its failure: they cost nothing more.
                 db.execute("DELETE FROM admitted WHERE arrival < ?", (now - deadline,))
+                for computed, pid in db.execute("SELECT request_id, pid FROM computing").fetchall():
+                    if not alive(pid):
+                        db.execute("DELETE FROM admitted WHERE request_id = ?", (computed,))
+                db.execute("DELETE FROM computing WHERE request_id NOT IN (SELECT request_id FROM admitted)")
                 ahead = [k for (k,) in db.execute("SELECT kind FROM admitted").fetchall()]
                 wait = sum(self.expected_seconds(db, k) for k in ahead) / count
                 own = self.expected_seconds(db, kind)
@@ -131,9 +144,13 @@ class Ledger:
                 db.execute("ROLLBACK")
                 raise
 
-    def arrival(self, request_id: str) -> float | None:
+    def start(self, request_id: str, pid: int | None = None) -> float | None:
+        """This worker (or `pid`) picks the explanation up: when the admitting worker recorded its arrival, None if
+        it was not admitted here."""
         with self.connect() as db:
             row = db.execute("SELECT arrival FROM admitted WHERE request_id = ?", (request_id,)).fetchone()
+            if row:
+                db.execute("INSERT OR REPLACE INTO computing VALUES (?, ?)", (request_id, pid or os.getpid()))
         return row[0] if row else None
 
     def finish(self, request_id: str, kind: str, seconds: float | None) -> None:
@@ -141,6 +158,7 @@ class Ledger:
         prediction included (None: it was not computed)."""
         with self.connect() as db:
             db.execute("DELETE FROM admitted WHERE request_id = ?", (request_id,))
+            db.execute("DELETE FROM computing WHERE request_id = ?", (request_id,))
             if seconds is not None:
                 db.execute("INSERT INTO durations VALUES (?, ?, ?)", (kind, seconds, time.time()))
                 db.execute("DELETE FROM durations WHERE kind = ? AND rowid NOT IN (SELECT rowid FROM durations "

@@ -214,7 +214,7 @@ def explain(predictor: Predictor, image: Image.Image, request: PredictRequest, a
     seconds since `handling_since`, when this worker took the request: what the admission must expect of it."""
     kind = explanation_kind(request.method, request.precision)
     # The arrival the admitting worker recorded is the request's first; nginx's header on the replay is later.
-    arrived = (ledger.arrival(arrival.request_id) if ledger and arrival.request_id else None) or arrival.seconds
+    arrived = (ledger.start(arrival.request_id) if ledger and arrival.request_id else None) or arrival.seconds
     until = arrived + deadline if deadline is not None else None
     started = time.time()
     computed = None

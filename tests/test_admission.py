@@ -22,6 +22,16 @@ def ledger(tmp_path: Path) -> Ledger:
     return ledger
 
 
+def admitted(ledger: Ledger) -> set[str]:
+    with ledger.connect() as db:
+        return {request_id for (request_id,) in db.execute("SELECT request_id FROM admitted")}
+
+
+def finished_pid() -> int:
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(gone.stdout)
+
+
 def test_explanations_are_admitted_while_they_fit_the_deadline(ledger: Ledger) -> None:
     # Two workers, Low first guessed at 2 s, deadline 10 s: own 2 s + the queue's share, with the 25% margin,
     # must stay within 10 s; 9 would fit exactly, with nothing to spare.
@@ -40,7 +50,7 @@ def test_finished_explanations_free_their_place_and_teach_the_durations(ledger: 
     assert ledger.admit("next", "Low", 100.0, now=100.0) is not None
     ledger.finish("r0", "Low", seconds=0.5)
     ledger.finish("r1", "Low", seconds=None)  # refused past its deadline: not computed, not measured
-    assert ledger.arrival("r0") is None and ledger.arrival("r2") == 100.0
+    assert "r0" not in admitted(ledger) and ledger.start("r2") == 100.0 and ledger.start("unknown") is None
     with ledger.connect() as db:
         assert ledger.expected_seconds(db, "Low") == 0.5
         assert ledger.expected_seconds(db, "High") == FIRST_GUESS_SECONDS["High"]
@@ -59,7 +69,24 @@ def test_entries_past_their_deadline_stop_counting(ledger: Ledger) -> None:
     for i in range(7):
         assert ledger.admit(f"r{i}", "Low", 100.0, now=100.0) is None
     assert ledger.admit("later", "Low", arrival=111.0, now=111.0) is None  # the seven are past 100 + 10 s
-    assert ledger.arrival("r0") is None
+    assert admitted(ledger) == {"later"}
+
+
+def test_an_explanation_whose_worker_died_stops_counting(ledger: Ledger) -> None:
+    for i in range(7):
+        assert ledger.admit(f"r{i}", "Low", 100.0, now=100.0) is None
+    assert ledger.admit("next", "Low", 100.0, now=100.0) is not None
+    dead = finished_pid()
+    ledger.start("r0", pid=dead)
+    ledger.start("r1", pid=dead)
+    ledger.start("r2")  # this process: alive, still computing
+    assert ledger.admit("next", "Low", 100.0, now=100.0) is None
+    assert admitted(ledger) == {"r2", "r3", "r4", "r5", "r6", "next"}
+    with ledger.connect() as db:
+        assert db.execute("SELECT request_id FROM computing").fetchall() == [("r2",)]
+    ledger.finish("r2", "Low", seconds=1.0)
+    with ledger.connect() as db:
+        assert db.execute("SELECT COUNT(*) FROM computing").fetchone()[0] == 0
 
 
 def test_a_request_that_already_waited_is_refused_sooner(ledger: Ledger) -> None:
@@ -68,8 +95,7 @@ def test_a_request_that_already_waited_is_refused_sooner(ledger: Ledger) -> None
 
 def test_dead_workers_are_forgotten_and_without_workers_everything_is_admitted(tmp_path: Path) -> None:
     ledger = Ledger(tmp_path / "ledger.sqlite")
-    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    ledger.register_worker(deadline=1.0, pid=int(gone.stdout))
+    ledger.register_worker(deadline=1.0, pid=finished_pid())
     ledger.register_worker(deadline=1.0, pool="another version")
     assert all(ledger.admit(f"r{i}", "High", 100.0, now=100.0) is None for i in range(50))
     with ledger.connect() as db:
@@ -131,7 +157,7 @@ def test_an_explanation_picked_up_past_its_deadline_is_not_computed(predictor, f
                                  ledger=ledger, deadline=5.0)
     # The admitting worker's arrival (6 s ago) counts, not the later one of the replay.
     assert status == 503 and "waited 6 s" in answer["error"] and calls == []
-    assert ledger.arrival("old") is None
+    assert admitted(ledger) == set()
 
 
 def test_lime_stops_between_batches_at_the_deadline(predictor, fullres_images, tmp_path: Path,

@@ -159,9 +159,10 @@ def test_a_client_batch_survives_a_worker_kill(service, fullres_images) -> None:
     assert batch.returncode == 0, stderr
     assert [json.loads(line)["success"] for line in stdout.splitlines()] == [True] * 3
     # The killed worker's request failed once (500 or 507, see above) and was retried: a real failure survived.
-    # While its replacement starts one worker is left, and admitted explanations that were never computed (the
-    # killed one, any an earlier test left) count until their deadline (docs/explanations.md): a retry may be
-    # refused at once (503) before one is admitted.
+    # While its replacement starts one worker is left, and admitted explanations whose replay never reached a worker
+    # (any an earlier test left) count until their deadline (docs/explanations.md): a retry may be refused at once
+    # as busy (503 with Retry-After, which the client waits out, saying so) before one is admitted.
     failures = [status for status in statuses if status != "200"]
     assert statuses.count("200") == 3 and len([s for s in failures if s in ("500", "507")]) == 1, (statuses, stderr)
     assert set(failures) <= {"500", "507", "503"}, (statuses, stderr)
+    assert len(re.findall(r"; retrying in \d+ s", stderr)) == statuses.count("503"), (statuses, stderr)

@@ -271,7 +271,7 @@ def test_training_writes_report_and_figures_beside_the_weights(trained: Trained)
     assert [row["epoch"] for row in saved["history"]] == [1, 2]
     assert set(saved["history"][0]) == {"epoch", "loss", "accuracy", "val_loss", "val_accuracy", "val_balanced_accuracy",
                                         "val_macro_auc", "val_melanoma_auc"}
-    assert saved["best_epoch"] == max(saved["history"], key=lambda r: r["val_balanced_accuracy"])
+    assert saved["saved_epoch"] == max(saved["history"], key=lambda r: r["val_balanced_accuracy"])
     test = saved["test"]
     assert test["n_images"] == n_test and np.array(test["confusion_matrix"]).sum() == n_test
     assert [c["support"] for c in test["per_class"].values()] == [2] * len(CLASS_CODES)
@@ -362,6 +362,23 @@ def test_recipe_levers_train_and_the_moving_average_is_what_is_saved(tmp_path: P
     assert set(averaged) == set(saved)
     assert all(torch.allclose(saved[k].float(), averaged[k].float(), atol=1e-2) for k in saved if saved[k].is_floating_point())
     assert not torch.allclose(saved["fc.weight"].float(), last["model"]["fc.weight"].float(), atol=1e-3)
+
+
+def test_select_final_saves_the_last_epoch_even_when_an_earlier_one_validated_better(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_dataset(tmp_path / "ham", "download")
+    validate, scores = training_main.evaluate, iter([0.9, 0.1])
+
+    def worse_every_epoch(*args: object, **kwargs: object) -> dict:
+        return {**validate(*args, **kwargs), "val_balanced_accuracy": next(scores)}
+
+    monkeypatch.setattr(training_main, "evaluate", worse_every_epoch)
+    report = train(fast_args(tmp_path / "ham", tmp_path, "--epochs", "2", "--select", "final"))
+    assert [r["val_balanced_accuracy"] for r in report["history"]] == [0.9, 0.1]
+    assert report["saved_epoch"]["epoch"] == 2 and report["arguments"]["select"] == "final"
+    last = torch.load(tmp_path / "runs" / "resnet18" / "last.pt", weights_only=False)["model"]
+    saved = torch.load(tmp_path / "out" / "resnet18.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(saved[k], last[k].half() if last[k].is_floating_point() else last[k]) for k in saved)
 
 
 def test_colour_constancy_is_stored_and_served(tmp_path: Path) -> None:

@@ -2,8 +2,9 @@
 
     python -m training ROOT [--type resnet34] [--epochs 15] [--model-name model_store/<type>.pt] [--fine-tune] ...
 
-The best epoch (by validation balanced accuracy) is saved, calibrated (training.calibrate) and scored once
-on the test split; beside it go <name>.json, <name>_confusion.png and <name>_curves.png.
+The best epoch (by validation balanced accuracy) or, with --select final, the last one is saved, calibrated
+(training.calibrate) and scored once on the test split; beside it go <name>.json, <name>_confusion.png and
+<name>_curves.png.
 """
 
 from __future__ import annotations
@@ -72,6 +73,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--colour-constancy", type=float, default=0.0, metavar="POWER",
                    help="Shades of Gray colour constancy of this power in the preprocessing (6 as in ISIC 2019's "
                    "winner), stored in the checkpoint so serving applies it too; 0: off")
+    p.add_argument("--select", choices=("best", "final"), default="best",
+                   help="the epoch whose weights are saved: best by validation balanced accuracy, or the final one, "
+                   "which leaves the validation split out of the choice so that calibration fitted on it is unbiased")
     p.add_argument("--validation-only", action="store_true",
                    help="for recipe comparisons (training.ablation): skip calibration and the test split; the report "
                    "holds the validation history only")
@@ -239,7 +243,7 @@ def train(args: argparse.Namespace) -> dict:
     run_dir = args.checkpoint_dir / args.modelname.stem
     run_dir.mkdir(parents=True, exist_ok=True)
     args.modelname.parent.mkdir(parents=True, exist_ok=True)
-    state = {"epoch": 0, "best": -1.0, "history": [], "seconds": 0.0}
+    state = {"epoch": 0, "best": -1.0, "saved_epoch": 0, "history": [], "seconds": 0.0}
     if args.resume and (run_dir / "last.pt").exists():
         # On the CPU: torch.set_rng_state accepts only a CPU tensor; load_state_dict moves the rest to the device.
         saved = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=False)
@@ -267,9 +271,13 @@ def train(args: argparse.Namespace) -> dict:
             row.update({f"raw_{k}": v for k, v in evaluate(model, val_inputs, val_labels, args.device).items()})
         state["seconds"] += time.time() - start
         state["history"].append(row)
-        improved = row["val_balanced_accuracy"] > state["best"]
-        if improved:
-            state["best"] = row["val_balanced_accuracy"]
+        if args.select == "best":
+            keep = row["val_balanced_accuracy"] > state["best"]
+            state["best"] = max(state["best"], row["val_balanced_accuracy"])
+        else:
+            keep = epoch == args.epochs
+        if keep:
+            state["saved_epoch"] = epoch
             save_checkpoint(evaluated, args.type, args.image_size, args.modelname, args.colour_constancy)
         state["epoch"] = epoch
         torch.save(
@@ -280,7 +288,7 @@ def train(args: argparse.Namespace) -> dict:
         print(
             f"epoch {epoch:>3}/{args.epochs}  loss {row['loss']:.4f}  acc {row['accuracy']:.4f}  "
             f"val_loss {row['val_loss']:.4f}  val_acc {row['val_accuracy']:.4f}  "
-            f"val_bal_acc {row['val_balanced_accuracy']:.4f}  {time.time() - start:.0f}s" + ("  *best" if improved else ""),
+            f"val_bal_acc {row['val_balanced_accuracy']:.4f}  {time.time() - start:.0f}s" + ("  *saved" if keep else ""),
             flush=True,
         )
     return write_report(args, state, train_set, val_set, test_set)
@@ -288,7 +296,7 @@ def train(args: argparse.Namespace) -> dict:
 
 def write_report(args: argparse.Namespace, state: dict, train_set: list[Sample], val_set: list[Sample],
                  test_set: list[Sample]) -> dict:
-    """Calibrate the best epoch's weights, score the test split once with calibrated probabilities (exactly as
+    """Calibrate the saved epoch's weights, score the test split once with calibrated probabilities (exactly as
     served), and write the report and figures beside the weights (with --validation-only: the history alone)."""
     report = {
         "model": args.type,
@@ -296,7 +304,7 @@ def write_report(args: argparse.Namespace, state: dict, train_set: list[Sample],
         "arguments": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "images": {"train": len(train_set), "validation": len(val_set), "test": len(test_set)},
         "training_seconds": round(state["seconds"], 1),
-        "best_epoch": max(state["history"], key=lambda r: r["val_balanced_accuracy"]),
+        "saved_epoch": state["history"][state["saved_epoch"] - 1],
         "history": state["history"],
     }
     stem = args.modelname.with_suffix("")

@@ -56,7 +56,7 @@ def render(reports: dict[str, dict]) -> str:
         "## Data and licence",
         f"- HAM10000 ({CITATION}). Licence CC BY-NC 4.0: non-commercial use only, with this citation.",
         f"- {sum(images.values()):,} of its 10,015 images at 200x150, split by lesion: {images['train']:,} training, "
-        f"{images['validation']:,} validation (checkpoint choice and calibration), {images['test']:,} test.",
+        f"{images['validation']:,} validation (calibration, and the epoch where it is chosen), {images['test']:,} test.",
         "- Classes: " + "; ".join(f"`{c.code}` {c.name}" for c in CLASSES) + ".",
         "",
         "## Training recipe",
@@ -66,8 +66,9 @@ def render(reports: dict[str, dict]) -> str:
         lines.append(
             f"- {arch}: from scratch (weights `{a['weights']}`), {a['epochs']} epochs, input {a['image_size'][0]}x"
             f"{a['image_size'][1]}, batch {a['batch_size']}, AdamW lr {a['lr']} (one-cycle), weight decay "
-            f"{a['weight_decay']}, seed {a['seed']}; best epoch by validation balanced accuracy: "
-            f"{reports[arch]['best_epoch']['epoch']}. Command and augmentation: docs/training.md."
+            f"{a['weight_decay']}, seed {a['seed']}" + (f", EMA of the weights (decay {a['ema']})" if a["ema"] else "")
+            + "; saved epoch: " + ("best by validation balanced accuracy, " if a["select"] == "best" else "the final one, ")
+            + f"{reports[arch]['saved_epoch']['epoch']}. Command and augmentation: docs/training.md."
         )
     lines += ["", "## Test metrics", ""]
     lines += table(["metric", *archs], [[name, *(f"{reports[a]['test'][key]:.3f}" for a in archs)]
