@@ -345,6 +345,26 @@ def test_resume_continues_after_an_interruption(trained: Trained, tmp_path: Path
     assert again["history"] == report["history"]
 
 
+def test_a_run_stopped_while_saving_an_epoch_resumes_from_the_one_before(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    write_dataset(tmp_path / "ham", "download")
+    save = torch.save
+
+    def stopped_while_saving_epoch_two(obj: object, path: Path, *args: object, **kwargs: object) -> None:
+        if isinstance(obj, dict) and obj.get("state", {}).get("epoch") == 2:
+            Path(path).write_bytes(b"the first half of a checkpoint")
+            raise KeyboardInterrupt
+        save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", stopped_while_saving_epoch_two)
+    with pytest.raises(KeyboardInterrupt):
+        train(fast_args(tmp_path / "ham", tmp_path, "--epochs", "2"))
+    monkeypatch.setattr(torch, "save", save)
+    assert torch.load(tmp_path / "runs" / "resnet18" / "last.pt", weights_only=False)["state"]["epoch"] == 1
+    report = train(fast_args(tmp_path / "ham", tmp_path, "--epochs", "2", "--resume"))
+    assert [row["epoch"] for row in report["history"]] == [1, 2]
+
+
 def test_flags_are_hyphenated_and_the_original_spellings_still_work() -> None:
     for spelling in (["--model-name", "m.pt", "--fine-tune"], ["--modelname", "m.pt", "--fine_tune"]):
         args = parse_args(["root", *spelling])

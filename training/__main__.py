@@ -280,11 +280,13 @@ def train(args: argparse.Namespace) -> dict:
             state["saved_epoch"] = epoch
             save_checkpoint(evaluated, args.type, args.image_size, args.modelname, args.colour_constancy)
         state["epoch"] = epoch
+        # Written beside, then renamed: a run stopped while saving keeps its previous epoch to resume from.
         torch.save(
             {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
              "rng": torch.get_rng_state(), "state": state, "ema": ema.state_dict() if ema is not None else None},
-            run_dir / "last.pt",
+            run_dir / "last.pt.partial",
         )
+        (run_dir / "last.pt.partial").replace(run_dir / "last.pt")
         print(
             f"epoch {epoch:>3}/{args.epochs}  loss {row['loss']:.4f}  acc {row['accuracy']:.4f}  "
             f"val_loss {row['val_loss']:.4f}  val_acc {row['val_accuracy']:.4f}  "
