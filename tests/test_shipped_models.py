@@ -68,13 +68,56 @@ def test_the_model_card_is_generated_from_the_shipped_reports() -> None:
     assert (ROOT / "MODEL_CARD.md").read_text() == expected, "run: python -m training.model_card"
 
 
+def figure(value: float) -> str:
+    return f"{value:.3f}"
+
+
+def labelled_row(text: str, label: str) -> list[str]:
+    """The cells after the label of the one table row it starts (bold or not), bold marks removed."""
+    rows = [line for line in text.splitlines() if line.startswith((f"| {label} |", f"| **{label}** |"))]
+    assert len(rows) == 1, f"expected one row labelled {label!r}, found {len(rows)}"
+    return [cell.strip().strip("*") for cell in rows[0].split("|")[2:-1]]
+
+
+def calibration_figures(report: dict) -> dict[str, str]:
+    """What docs/training.md's calibration results table quotes of one model's report, by row."""
+    calibration, ood = report["calibration"], report["calibration"]["out_of_domain"]
+    before, after, malignancy = calibration["test_before"], calibration["test_after"], calibration["malignancy"]
+    return {
+        "temperature": figure(calibration["temperature"]),
+        "test ECE, raw -> calibrated": f"{figure(before['ece'])} -> {figure(after['ece'])}",
+        "test NLL, raw -> calibrated": f"{figure(before['nll'])} -> {figure(after['nll'])}",
+        "out-of-domain AUROC (seed-1 draw vs test lesions)": figure(ood["report_set"]["auroc"]),
+        "out-of-domain images flagged": figure(ood["report_set"]["flagged"]),
+        "test lesions flagged": figure(ood["test_lesions_flagged"]),
+        "malignancy alert: test sensitivity / specificity":
+            f"{figure(malignancy['test_sensitivity'])} / {figure(malignancy['test_specificity'])}",
+        "malignant vs benign AUC": figure(report["test"]["malignant_auc"]),
+    }
+
+
 @pytest.mark.parametrize("page", ["README.md", "docs/training.md"])
 def test_metric_tables_quote_the_shipped_reports(page: str) -> None:
-    """The first five columns of each shipped model's row are its report's test figures, to 3 decimals."""
+    """Each shipped model's row: its report's test figures, to 3 decimals."""
     text = (ROOT / page).read_text()
     for arch, report in read_reports(ROOT / "model_store").items():
         [row] = [line for line in text.splitlines() if line.startswith(f"| {arch} | 0.")]
-        quoted = [cell.strip() for cell in row.split("|")[2:7]]
-        test = report["test"]
+        quoted = [cell.strip() for cell in row.split("|")[2:-1]]
+        test, figures = report["test"], calibration_figures(report)
         keys = ("accuracy", "balanced_accuracy", "macro_auc", "melanoma_auc", "melanoma_sensitivity")
-        assert quoted == [f"{test[key]:.3f}" for key in keys], f"{page}: {arch}'s row differs from model_store/{arch}.json"
+        expected = [*(figure(test[key]) for key in keys), figures["malignancy alert: test sensitivity / specificity"],
+                    figures["test ECE, raw -> calibrated"], figures["out-of-domain AUROC (seed-1 draw vs test lesions)"]]
+        assert quoted == expected, f"{page}: {arch}'s row differs from model_store/{arch}.json"
+
+
+def test_calibration_tables_quote_the_shipped_reports() -> None:
+    text = (ROOT / "docs" / "training.md").read_text()
+    reports = read_reports(ROOT / "model_store")
+    archs = sorted(reports)
+    assert f"| | {' | '.join(archs)} | target |" in text  # the results table's columns
+    for label in calibration_figures(reports[archs[0]]):
+        assert labelled_row(text, label)[:len(archs)] == [calibration_figures(reports[a])[label] for a in archs], label
+    candidates = {arch: reports[arch]["calibration"]["out_of_domain"]["selection_set"]["candidates"] for arch in archs}
+    for name in candidates[archs[0]]:
+        expected = [figure(candidates[a][name][key]) for a in archs for key in ("auroc", "flagged")]
+        assert labelled_row(text, name) == expected, name
