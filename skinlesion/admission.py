@@ -153,9 +153,9 @@ class Ledger:
                 db.execute("INSERT OR REPLACE INTO computing VALUES (?, ?)", (request_id, pid or os.getpid()))
         return row[0] if row else None
 
-    def finish(self, request_id: str, kind: str, seconds: float | None) -> None:
-        """The explanation is answered; `seconds` is what its worker spent on the request, decoding and the
-        prediction included (None: it was not computed)."""
+    def finish(self, request_id: str, kind: str = "", seconds: float | None = None) -> None:
+        """The explanation is answered; `seconds` is what its worker spent on the request of that `kind`, decoding
+        and the prediction included (None: it was not computed)."""
         with self.connect() as db:
             db.execute("DELETE FROM admitted WHERE request_id = ?", (request_id,))
             db.execute("DELETE FROM computing WHERE request_id = ?", (request_id,))

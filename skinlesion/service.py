@@ -190,6 +190,7 @@ def respond(predictor: Predictor, bodies: list[Any], timings: dict[str, float] |
             accepted.append((i, request, decode_image(request.image)))
         except (RequestError, ImageError) as exc:
             answers[i] = (getattr(exc, "status", 400), failure(str(exc)))
+            release(ledger, explanations_at, arrivals[i])
     if timings is not None:
         timings["decode"] = (time.perf_counter() - start) * 1000
     if not accepted:
@@ -200,12 +201,20 @@ def respond(predictor: Predictor, bodies: list[Any], timings: dict[str, float] |
         log.exception("prediction failed")
         for i, _, _ in accepted:
             answers[i] = (500, failure("the model failed on this image; the error is in the server log"))
+            release(ledger, explanations_at, arrivals[i])
         return answers
     for (i, request, image), result in zip(accepted, results, strict=True):
         answers[i] = (200, {"success": True, **result})
         if request.explain:
             answers[i] = explain(predictor, image, request, answers[i], arrivals[i], ledger, deadline, handling_since)
     return answers
+
+
+def release(ledger: Ledger | None, explanations_at: str | None, arrival: Arrival) -> None:
+    """On a server that explains, a request answered with an error before its explanation started (its image did
+    not decode, say) stops counting in the ledger now, not at its deadline."""
+    if ledger and not explanations_at and arrival.request_id:
+        ledger.finish(arrival.request_id)
 
 
 def explain(predictor: Predictor, image: Image.Image, request: PredictRequest, answer: tuple[int, dict],

@@ -160,6 +160,28 @@ def test_an_explanation_picked_up_past_its_deadline_is_not_computed(predictor, f
     assert admitted(ledger) == set()
 
 
+def test_an_explanation_answered_with_an_error_before_it_starts_stops_counting(predictor, fullres_images, tmp_path: Path,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import base64
+
+    from skinlesion.service import Arrival, respond
+
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    ledger.register_worker(deadline=60.0, pool=predictor.arch)
+    with ledger.connect() as db:  # both admitted by the batching server; each would count for 60 s
+        for request_id in ("undecodable", "model failed", "still waiting"):
+            db.execute("INSERT INTO admitted VALUES (?, ?, ?)", (request_id, "Low", time.time()))
+    body = lesion_body(fullres_images)
+    [(status, _)] = respond(predictor, [{**body, "image": base64.b64encode(b"not an image").decode()}],
+                            arrivals=[Arrival("undecodable", time.time())], ledger=ledger, deadline=60.0)
+    assert status == 400
+    monkeypatch.setattr(predictor, "predict", lambda *a, **k: 1 / 0)
+    [(status, _)] = respond(predictor, [body], arrivals=[Arrival("model failed", time.time())], ledger=ledger,
+                            deadline=60.0)
+    assert status == 500
+    assert admitted(ledger) == {"still waiting"}
+
+
 def test_lime_stops_between_batches_at_the_deadline(predictor, fullres_images, tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     from skinlesion.service import Arrival, respond

@@ -31,6 +31,7 @@ from skinlesion.image import (
     train_transform,
 )
 from skinlesion.model import ARCHITECTURES, CLASS_CODES, DEFAULT_IMAGE_SIZE, build_model, load_checkpoint, save_checkpoint
+from skinlesion.predictor import native_bfloat16
 from training.calibrate import calibrate_checkpoint, format_calibration
 from training.data import Sample, split_dataset
 from training.evaluate import compute_metrics, format_report, to_json
@@ -57,7 +58,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bfloat16 autocast")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="bfloat16 autocast (default: where the device computes bfloat16 natively; emulated, it is "
+                   "many times slower than float32)")
     p.add_argument("--resume", action="store_true", help="continue from the last epoch checkpoint")
     p.add_argument("--workers", type=int, default=0, help="data-loading processes")
     p.add_argument("--checkpoint-dir", type=Path, default=Path("runs"), help="per-epoch checkpoints (for --resume)")
@@ -88,6 +91,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.image_size = tuple(args.image_size)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.amp is None:
+        args.amp = native_bfloat16(args.device)
     return args
 
 
