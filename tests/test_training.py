@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.transforms import v2
 
 import training.__main__ as training_main
 from skinlesion.image import decode_image
@@ -383,7 +384,7 @@ def test_bfloat16_autocast_defaults_to_where_the_device_computes_it_natively(mon
 def test_recipe_levers_train_and_the_moving_average_is_what_is_saved(tmp_path: Path) -> None:
     write_dataset(tmp_path / "ham", "download")
     report = train(fast_args(tmp_path / "ham", tmp_path, "--rotation", "180", "--loss", "logit-adjusted", "--ema", "0.9",
-                             "--mixup", "0.4"))
+                             "--mixup", "0.4", "--cutmix", "1.0"))
     assert report["arguments"]["loss"] == "logit-adjusted" and report["arguments"]["ema"] == 0.9
     last = torch.load(tmp_path / "runs" / "resnet18" / "last.pt", weights_only=False)
     saved = torch.load(tmp_path / "out" / "resnet18.pt", weights_only=True)["state_dict"]
@@ -408,6 +409,56 @@ def test_select_final_saves_the_last_epoch_even_when_an_earlier_one_validated_be
     last = torch.load(tmp_path / "runs" / "resnet18" / "last.pt", weights_only=False)["model"]
     saved = torch.load(tmp_path / "out" / "resnet18.pt", weights_only=True)["state_dict"]
     assert all(torch.equal(saved[k], last[k].half() if last[k].is_floating_point() else last[k]) for k in saved)
+
+
+def test_mixup_and_cutmix_each_alone_or_one_of_the_two_per_batch() -> None:
+    def mixing(*flags: str):
+        return training_main.build_mixing(parse_args(["root", *flags]))
+
+    assert mixing() is None
+    assert isinstance(mixing("--mixup", "0.2"), v2.MixUp) and isinstance(mixing("--cutmix", "1"), v2.CutMix)
+    both = mixing("--mixup", "0.2", "--cutmix", "1")
+    assert isinstance(both, v2.RandomChoice) and [type(t) for t in both.transforms] == [v2.MixUp, v2.CutMix]
+
+
+def test_distillation_loss_is_zero_at_the_teachers_average_and_pulls_towards_it() -> None:
+    teachers = [torch.tensor([[2.0, 0.0, -1.0]]), torch.tensor([[0.0, 1.0, -1.0]])]
+    temperature = 2.0
+    average = torch.stack([(t / temperature).softmax(1) for t in teachers]).mean(0)
+    # Logits whose softened probabilities are exactly the teachers' average.
+    matching = average.log() * temperature
+    assert training_main.distillation_loss(matching, teachers, temperature).item() == pytest.approx(0.0, abs=1e-6)
+    student = torch.zeros(1, 3, requires_grad=True)
+    loss = training_main.distillation_loss(student, teachers, temperature)
+    loss.backward()
+    assert loss.item() > 0
+    # A gradient step raises the classes the teachers favour over the uniform student's 1/3.
+    assert torch.equal((-student.grad).sign(), (average - 1 / 3).sign())
+
+
+def test_a_student_trains_against_teachers_on_their_validation_split(trained: Trained, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    split_seeds = []
+
+    def recording_split(root: Path, seed: int):
+        split_seeds.append(seed)
+        return split_dataset(root, seed)
+
+    monkeypatch.setattr(training_main, "split_dataset", recording_split)
+    teachers = [str(trained.weights), str(trained.weights)]
+    report = train(fast_args(trained.root, tmp_path, "--seed", "1", "--split-seed", "0", "--teacher", *teachers))
+    assert split_seeds == [0]
+    assert report["arguments"]["teacher"] == teachers and report["arguments"]["distill_weight"] == 0.5
+    assert Predictor.from_checkpoint(tmp_path / "out" / "resnet18.pt").calibration is not None
+    assert parse_args(["root", "--seed", "3"]).split_seed == 3
+
+
+def test_a_teacher_with_other_preprocessing_is_a_clear_error(trained: Trained, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    args = fast_args(trained.root, tmp_path, "--image-size", "40", "48", "--teacher", str(trained.weights))
+    with pytest.raises(SystemExit, match=r"teacher .*resnet18\.pt was trained at \(32, 48\) with colour constancy 0\.0, "
+                       r"this run uses \(40, 48\)"):
+        train(args)
 
 
 def test_colour_constancy_is_stored_and_served(tmp_path: Path) -> None:

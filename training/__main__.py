@@ -41,6 +41,10 @@ from training.plots import plot_confusion, plot_curves
 WARMUP_FRACTION = 0.15
 LABEL_SMOOTHING = 0.05
 VALIDATION_BATCH = 128
+# Knowledge distillation (Hinton et al. 2015): half the loss from the teachers, at a temperature that keeps
+# their ranking of the runner-up classes visible.
+DISTILL_WEIGHT = 0.5
+DISTILL_TEMPERATURE = 2.0
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -57,6 +61,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of the one-cycle schedule")
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--split-seed", type=int, default=None,
+                   help="seed of the lesion-grouped validation split (default: --seed); fix it to train several seeds, "
+                   "e.g. teachers for --teacher, on the same split")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="bfloat16 autocast (default: where the device computes bfloat16 natively; emulated, it is "
@@ -73,12 +80,22 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
                    help="validate and save an exponential moving average of the weights (e.g. 0.999); 0: off")
     p.add_argument("--mixup", type=float, default=0.0, metavar="ALPHA", help="mixup of training batches; 0: off")
+    p.add_argument("--cutmix", type=float, default=0.0, metavar="ALPHA",
+                   help="CutMix of training batches; 0: off (with --mixup too, each batch gets one of the two)")
     p.add_argument("--colour-constancy", type=float, default=0.0, metavar="POWER",
                    help="Shades of Gray colour constancy of this power in the preprocessing (6 as in ISIC 2019's "
                    "winner), stored in the checkpoint so serving applies it too; 0: off")
     p.add_argument("--select", choices=("best", "final"), default="best",
                    help="the epoch whose weights are saved: best by validation balanced accuracy, or the final one, "
                    "which leaves the validation split out of the choice so that calibration fitted on it is unbiased")
+    p.add_argument("--teacher", nargs="+", default=[], metavar="CHECKPOINT",
+                   help="knowledge distillation: also learn the averaged predictions of these checkpoints (an ensemble "
+                   "of seeds, or a larger model) on each augmented batch; they must share the preprocessing and, for "
+                   "an honest validation, the validation split (--split-seed)")
+    p.add_argument("--distill-weight", type=float, default=DISTILL_WEIGHT,
+                   help="share of the loss that matches the teachers (the rest is the labels' loss)")
+    p.add_argument("--distill-temperature", type=float, default=DISTILL_TEMPERATURE,
+                   help="softmax temperature of teacher and student in the distillation loss")
     p.add_argument("--validation-only", action="store_true",
                    help="for recipe comparisons (training.ablation): skip calibration and the test split; the report "
                    "holds the validation history only")
@@ -89,6 +106,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = get_args_parser().parse_args(argv)
     args.modelname = args.modelname or Path("model_store") / f"{args.type}.pt"
     args.image_size = tuple(args.image_size)
+    if args.split_seed is None:
+        args.split_seed = args.seed
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.amp is None:
@@ -160,6 +179,34 @@ def build_training_model(args: argparse.Namespace) -> nn.Module:
     return model.to(args.device, memory_format=torch.channels_last)
 
 
+def load_teachers(args: argparse.Namespace) -> list[nn.Module]:
+    """The --teacher checkpoints, frozen, in eval mode; each must see the inputs exactly as the student does."""
+    teachers = []
+    for path in args.teacher:
+        model, meta = load_checkpoint(path, args.device)
+        if meta["image_size"] != args.image_size or meta["colour_constancy"] != args.colour_constancy:
+            sys.exit(f"error: teacher {path} was trained at {meta['image_size']} with colour constancy "
+                     f"{meta['colour_constancy']}, this run uses {args.image_size} and {args.colour_constancy}")
+        teachers.append(model.requires_grad_(False).to(memory_format=torch.channels_last))
+    return teachers
+
+
+def distillation_loss(logits: torch.Tensor, teacher_logits: list[torch.Tensor], temperature: float) -> torch.Tensor:
+    """KL divergence from the teachers' averaged softened probabilities to the student's, scaled by T^2 so its
+    gradients keep their size whatever the temperature."""
+    target = torch.stack([(t.float() / temperature).softmax(1) for t in teacher_logits]).mean(0)
+    student = (logits.float() / temperature).log_softmax(1)
+    return nn.functional.kl_div(student, target, reduction="batchmean") * temperature**2
+
+
+def build_mixing(args: argparse.Namespace) -> nn.Module | None:
+    """Mixup, CutMix, a random one of the two per batch, or None."""
+    n = len(CLASS_CODES)
+    mixes = ([v2.MixUp(alpha=args.mixup, num_classes=n)] if args.mixup > 0 else []) + (
+        [v2.CutMix(alpha=args.cutmix, num_classes=n)] if args.cutmix > 0 else [])
+    return v2.RandomChoice(mixes) if len(mixes) == 2 else (mixes[0] if mixes else None)
+
+
 def class_weights(labels: list[int]) -> torch.Tensor:
     """Loss weights proportional to 1/sqrt(class frequency): minority classes count more, not absurdly more."""
     counts = np.bincount(labels, minlength=len(CLASS_CODES)).astype(np.float64)
@@ -179,8 +226,8 @@ def build_criterion(args: argparse.Namespace, labels: list[int]) -> tuple[nn.Mod
 
 def train_one_epoch(model: nn.Module, criterion: nn.Module, logit_offset: torch.Tensor, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, loader: torch.utils.data.DataLoader,
-                    args: argparse.Namespace, epoch: int, mixup: v2.MixUp | None = None,
-                    ema: torch.optim.swa_utils.AveragedModel | None = None) -> dict:
+                    args: argparse.Namespace, epoch: int, mixing: nn.Module | None = None,
+                    ema: torch.optim.swa_utils.AveragedModel | None = None, teachers: list[nn.Module] = ()) -> dict:
     """One pass over the training photos; the epoch's mean loss and accuracy (against the unmixed labels)."""
     model.train()
     seen = correct = 0
@@ -190,11 +237,17 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, logit_offset: torch.
         inputs = inputs.to(args.device, memory_format=torch.channels_last)
         labels = labels.to(args.device)
         targets = labels
-        if mixup is not None:
-            inputs, targets = mixup(inputs, labels)
+        if mixing is not None:
+            inputs, targets = mixing(inputs, labels)
         with torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.amp):
             logits = model(inputs)
+            if teachers:
+                with torch.no_grad():
+                    teacher_logits = [teacher(inputs) for teacher in teachers]
         loss = criterion(logits.float() + logit_offset, targets)
+        if teachers:
+            loss = ((1 - args.distill_weight) * loss
+                    + args.distill_weight * distillation_loss(logits, teacher_logits, args.distill_temperature))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -230,16 +283,17 @@ def train(args: argparse.Namespace) -> dict:
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
-    train_set, val_set, test_set = split_dataset(args.root, args.seed)
+    train_set, val_set, test_set = split_dataset(args.root, args.split_seed)
     print(f"images: {len(train_set)} train, {len(val_set)} validation, {len(test_set)} test", flush=True)
 
     model = build_training_model(args)
+    teachers = load_teachers(args)
     loader, val_inputs, val_labels = load_data(args, train_set, val_set)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr, total_steps=args.epochs * len(loader),
                                                     pct_start=WARMUP_FRACTION)
     criterion, logit_offset = build_criterion(args, [s.label for s in train_set])
-    mixup = v2.MixUp(alpha=args.mixup, num_classes=len(CLASS_CODES)) if args.mixup > 0 else None
+    mixing = build_mixing(args)
     # The weights that are validated and saved: the trained ones, or their moving average.
     ema = (torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(args.ema),
                                                use_buffers=True) if args.ema > 0 else None)
@@ -269,7 +323,8 @@ def train(args: argparse.Namespace) -> dict:
 
     for epoch in range(state["epoch"] + 1, args.epochs + 1):
         start = time.time()
-        row = train_one_epoch(model, criterion, logit_offset, optimizer, scheduler, loader, args, epoch, mixup, ema)
+        row = train_one_epoch(model, criterion, logit_offset, optimizer, scheduler, loader, args, epoch, mixing, ema,
+                              teachers)
         row.update(evaluate(evaluated, val_inputs, val_labels, args.device))
         if ema is not None:
             # The raw weights' figures too: the EMA changes what is evaluated, not how training goes.

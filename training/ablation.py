@@ -34,6 +34,7 @@ LEVERS: dict[str, list[str]] = {
     "logit-adjusted": ["--loss", "logit-adjusted"],
     "shades-of-gray": ["--colour-constancy", "6"],
     "mixup": ["--mixup", "0.2"],
+    "cutmix": ["--cutmix", "1.0"],
 }
 DERIVED = {"ema": "current", "tta-flips": "current", "tta-dihedral": "current"}
 METRICS = ("val_balanced_accuracy", "val_accuracy", "val_macro_auc", "val_melanoma_auc")
@@ -68,7 +69,7 @@ def final_metrics(last: Path, report: dict, weights: str = "model", views: str =
     arguments = report["arguments"]
     model = build_model(arguments["type"])
     model.load_state_dict(state)
-    val_set = split_dataset(arguments["root"], arguments["seed"])[1]
+    val_set = split_dataset(arguments["root"], arguments.get("split_seed", arguments["seed"]))[1]
     inputs = load_images(val_set, tuple(arguments["image_size"]), "validation images", arguments["colour_constancy"])
     return evaluate(model.to(memory_format=torch.channels_last), torch.stack(inputs),
                     torch.tensor([s.label for s in val_set]), "cpu", views)

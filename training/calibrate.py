@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None,
                         help="training report to update with the calibration and calibrated test metrics "
                         "(default: <weights>.json when it exists)")
-    parser.add_argument("--seed", type=int, default=0, help="the training run's split seed")
+    parser.add_argument("--seed", type=int, default=0, help="the training run's split seed (its --split-seed, else --seed)")
     parser.add_argument("--views", choices=TTA_VIEWS, default=INFERENCE_VIEWS,
                         help="test-time views the checkpoint is served with (none: 1, flips: 4, dihedral: 8)")
     parser.add_argument("--bfloat16", action=argparse.BooleanOptionalAction, default=INFERENCE_BFLOAT16,

@@ -143,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--split", choices=("all", "validation", "test"), default="all",
                         help="all: every listed image found; validation, test: the training command's (same --seed)")
-    parser.add_argument("--seed", type=int, default=0, help="with --split validation|test: the training run's seed")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="with --split validation|test: the training run's split seed (its --split-seed, else --seed)")
     parser.add_argument("--views", choices=TTA_VIEWS, default=None,
                         help="test-time views averaged (none: 1, flips: 4, dihedral: 8); default: as the checkpoint serves")
     parser.add_argument("--compare-bfloat16", action="store_true",
