@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -496,6 +497,18 @@ def test_ablation_trains_each_lever_once_and_never_reads_the_test_split(tmp_path
     os.utime(report_path, (time.time() + 5, time.time() + 5))
     assert ablation_main([*argv, "--report-only"]) == 0
     assert "| current | 0 | 0.123 (0.123-0.123) |" in capsys.readouterr().out
+
+
+def test_ablation_runs_in_parallel_and_a_failed_run_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write_dataset(tmp_path / "ham", "download")
+    argv = [str(tmp_path / "ham"), "--epochs", "1", "--seeds", "0", "--levers", "current", "cutmix", "--out",
+            str(tmp_path / "ablation"), "--parallel", "2"]
+    assert ablation_main([*argv, "--training-flags", " ".join(FAST[2:])]) == 0
+    rows = [line.split(" | ")[0] for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert rows[1:] == ["| current", "| cutmix"]
+    assert json.loads((tmp_path / "ablation" / "cutmix-resnet18-e1-s0.json").read_text())["arguments"]["cutmix"] == 1.0
+    with pytest.raises(subprocess.CalledProcessError):
+        ablation_main([*argv, "--seeds", "1", "--training-flags", " ".join([*FAST[2:], "--no-such-flag"])])
 
 
 def test_ablation_table_pairs_each_lever_with_the_current_recipe_on_the_same_seeds() -> None:

@@ -1,7 +1,7 @@
 """Compare training recipes on the validation split: each lever against the current recipe, over seeds.
 
     python -m training.ablation ROOT [--type resnet18] [--epochs 10] [--seeds 0 1] [--levers ...] [--report-only]
-        [--training-flags "--device cuda --workers 4"]
+        [--training-flags "--device cuda --workers 4"] [--parallel 4]
 
 Each run is `python -m training ... --validation-only` into runs/ablation/, logged beside it. The command can
 be rerun: a finished run is read, not repeated, and an interrupted one continues with --resume. A seed fixes
@@ -16,6 +16,7 @@ import argparse
 import json
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -128,13 +129,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("runs/ablation"))
     parser.add_argument("--training-flags", default="", help="more flags for every run of python -m training")
     parser.add_argument("--report-only", action="store_true", help="train nothing; tabulate the finished runs")
+    parser.add_argument("--parallel", type=int, default=1,
+                        help="runs trained at once (on a GPU one run leaves most of it idle; on a CPU keep 1)")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.report_only:
         # Seed by seed, so an interrupted ablation has every lever at its first seed before any at its second.
-        for seed in args.seeds:
-            for lever in dict.fromkeys(DERIVED.get(lever, lever) for lever in args.levers):
-                train_run(args, lever, seed)
+        trained = dict.fromkeys(DERIVED.get(lever, lever) for lever in args.levers)
+        runs = [(lever, seed) for seed in args.seeds for lever in trained]
+        with ThreadPoolExecutor(max(1, args.parallel)) as pool:
+            for _ in pool.map(lambda run: train_run(args, *run), runs):  # re-raises a failed run's error
+                pass
     rows = {lever: {} for lever in dict.fromkeys(["current", *args.levers])}
     for lever in rows:
         for seed in args.seeds:
