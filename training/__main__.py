@@ -13,6 +13,7 @@ import argparse
 import random
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -227,7 +228,7 @@ def build_criterion(args: argparse.Namespace, labels: list[int]) -> tuple[nn.Mod
 def train_one_epoch(model: nn.Module, criterion: nn.Module, logit_offset: torch.Tensor, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, loader: torch.utils.data.DataLoader,
                     args: argparse.Namespace, epoch: int, mixing: nn.Module | None = None,
-                    ema: torch.optim.swa_utils.AveragedModel | None = None, teachers: list[nn.Module] = ()) -> dict:
+                    ema: torch.optim.swa_utils.AveragedModel | None = None, teachers: Sequence[nn.Module] = ()) -> dict:
     """One pass over the training photos; the epoch's mean loss and accuracy (against the unmixed labels)."""
     model.train()
     seen = correct = 0
