@@ -72,7 +72,11 @@ def test_sixteen_concurrent_clients_all_get_well_formed_answers(service, images)
     load.print_summary(table, max(o.started + o.seconds for o in outcomes) - min(o.started for o in outcomes))
     assert len(outcomes) == 48 and table["explain"]["requests"] == 4
     assert table["all"]["no answer"] == 0 and table["all"]["malformed"] == 0
-    assert table["all"]["ok"] == 48, [o for o in outcomes if o.verdict != "ok"]
+    assert sum(o.verdict == "ok" for o in outcomes if o.kind != "explain") == 44, [o for o in outcomes if o.verdict != "ok"]
+    # An explanation may be refused at once (503, the error envelope) when the ledger's measured wait behind the
+    # others comes near the explanation deadline: on a slow or busy machine that is the documented answer.
+    refused = [o for o in outcomes if o.kind == "explain" and o.verdict != "ok"]
+    assert all(o.status == 503 and o.verdict == "envelope" and "retry in" in o.detail for o in refused), refused
 
 
 def test_a_worker_killed_under_load_is_replaced_and_no_request_hangs(service, images) -> None:

@@ -63,10 +63,15 @@ def render(reports: dict[str, dict]) -> str:
     ]
     for arch in archs:
         a = reports[arch]["arguments"]
+        start = {"none": "from scratch,", "imagenet": "from ImageNet weights,"}.get(
+            a["weights"], f"continued from {reports[arch].get('initial_weights') or a['weights']}; then")
+        teachers = a.get("teacher") or []
         lines.append(
-            f"- {arch}: from scratch (weights `{a['weights']}`), {a['epochs']} epochs, input {a['image_size'][0]}x"
+            f"- {arch}: {start} {a['epochs']} epochs, input {a['image_size'][0]}x"
             f"{a['image_size'][1]}, batch {a['batch_size']}, AdamW lr {a['lr']} (one-cycle), weight decay "
             f"{a['weight_decay']}, seed {a['seed']}" + (f", EMA of the weights (decay {a['ema']})" if a["ema"] else "")
+            + (f", distilled from {len(teachers)} teachers (weight {a['distill_weight']}, temperature "
+               f"{a['distill_temperature']})" if teachers else "")
             + "; saved epoch: " + ("best by validation balanced accuracy, " if a["select"] == "best" else "the final one, ")
             + f"{reports[arch]['saved_epoch']['epoch']}. Command and augmentation: docs/training.md."
         )
