@@ -68,6 +68,17 @@ def test_the_model_card_is_generated_from_the_shipped_reports() -> None:
     assert (ROOT / "MODEL_CARD.md").read_text() == expected, "run: python -m training.model_card"
 
 
+def test_the_model_card_says_where_each_shipped_model_started() -> None:
+    """A checkpoint continued from other weights, or distilled from teachers, is not called "from scratch"."""
+    card = (ROOT / "MODEL_CARD.md").read_text().splitlines()
+    for arch, report in read_reports(ROOT / "model_store").items():
+        [line] = [line for line in card if line.startswith(f"- {arch}: ")]
+        arguments = report["arguments"]
+        start = {"none": "from scratch,", "imagenet": "from ImageNet weights,"}.get(arguments["weights"], "continued from")
+        assert line.startswith(f"- {arch}: {start}")
+        assert ("distilled from" in line) == bool(arguments.get("teacher"))
+
+
 def figure(value: float) -> str:
     return f"{value:.3f}"
 
