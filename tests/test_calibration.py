@@ -29,6 +29,7 @@ from skinlesion.model import ARCHITECTURES, CLASS_CODES, CLASS_NAMES, DEFAULT_IM
 from skinlesion.predictor import Predictor
 from skinlesion.service import MODEL_CARD_REQUEST, respond
 from tests.conftest import ROOT
+from training.calibrate import OUT_OF_FOLD_GROUPS, lesion_folds, out_of_fold_calibration
 from training.ood import SAMPLE_PHOTOS, out_of_domain_set
 
 
@@ -47,6 +48,28 @@ def test_fit_temperature_recovers_the_temperature_that_drew_the_labels() -> None
     logits = 3 * torch.randn(20_000, 7, generator=generator)
     labels = torch.multinomial((logits / 2.5).softmax(1), 1, generator=generator).squeeze(1)
     assert fit_temperature(logits, labels) == pytest.approx(2.5, rel=0.05)
+
+
+def test_out_of_fold_calibration_scores_each_fold_with_the_others_temperature() -> None:
+    generator = torch.Generator().manual_seed(0)
+    logits = 3 * torch.randn(3_000, 7, generator=generator)
+    labels = torch.multinomial((logits / 2.5).softmax(1), 1, generator=generator).squeeze(1)
+    lesions = [f"lesion{i // 3}" for i in range(3_000)]  # three images each
+    report = out_of_fold_calibration(logits, labels, lesions)
+    assert report["folds"] == OUT_OF_FOLD_GROUPS
+    # Each fold's temperature, fitted on the other four, is close to the one that drew the labels.
+    assert report["ece"] < report["ece_if_calibrated"]["p95"] + 0.01
+    raw = torch.nn.functional.cross_entropy(logits, labels).item()
+    assert report["nll"] < raw - 0.1
+    assert report["nll"] == pytest.approx(torch.nn.functional.cross_entropy(logits / 2.5, labels).item(), abs=0.01)
+
+
+def test_validation_folds_follow_lesions() -> None:
+    lesions = [f"lesion{i % 40}" for i in range(100)]  # 40 lesions, two or three images each
+    folds = lesion_folds(lesions, 5)
+    for lesion in set(lesions):
+        assert len({int(folds[i]) for i, name in enumerate(lesions) if name == lesion}) == 1
+    assert sorted(len({lesions[i] for i in range(100) if folds[i] == k}) for k in range(5)) == [8] * 5
 
 
 def test_malignancy_threshold_reaches_its_sensitivity_on_the_fitting_lesions() -> None:

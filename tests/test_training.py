@@ -32,7 +32,7 @@ from training.ablation import format_table
 from training.ablation import main as ablation_main
 from training.calibrate import main as calibrate_main
 from training.data import TEST_FOLDER, TRAIN_FOLDER, grouped_split, read_samples, split_dataset
-from training.evaluate import compute_metrics, predict_samples
+from training.evaluate import calibration_error_floor, compute_metrics, expected_calibration_error, predict_samples
 from training.evaluate import main as evaluate_main
 from training.model_card import main as model_card_main
 
@@ -252,6 +252,9 @@ def test_calibrate_cli_refits_a_checkpoint_and_updates_its_report(trained: Train
     assert saved["calibration"]["temperature"] == pytest.approx(fitted.temperature)
     assert saved["history"] == trained.report["history"]  # the rest of the training report is kept
     assert set(saved["calibration"]["out_of_domain"]["selection_set"]["candidates"]) >= {"energy", "max logit"}
+    out_of_fold = saved["calibration"]["validation_out_of_fold"]
+    assert 0 <= out_of_fold["ece"] <= 1 and out_of_fold["ece_if_calibrated"]["mean"] <= out_of_fold["ece_if_calibrated"]["p95"]
+    assert "out of fold" in printed and "perfectly calibrated" in printed
     assert calibrate_main([str(trained.root), "--type", "resnet18", "--weights", str(tmp_path / "absent.pt")]) == 2
 
 
@@ -567,6 +570,26 @@ def test_metrics_on_a_hand_made_case() -> None:
     assert m["expected_calibration_error"] == pytest.approx(0.1)  # confidence 0.7 everywhere, accuracy 0.8
 
 
+def test_a_perfectly_calibrated_model_measures_about_its_calibration_error_floor() -> None:
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.full(7, 0.3), size=1500)
+    floor = calibration_error_floor(probs)
+    assert 0 < floor["mean"] < floor["p95"] < 0.1
+    # Labels drawn from the probabilities themselves: each draw's ECE sits inside the floor's spread.
+    measured = [expected_calibration_error(np.array([rng.choice(7, p=p) for p in probs]), probs) for _ in range(20)]
+    assert floor["mean"] / 2 < np.mean(measured) < floor["p95"]
+    assert sum(m > floor["p95"] for m in measured) <= 3
+    # The floor shrinks with more images, and an overconfident model measures far above it.
+    assert calibration_error_floor(np.tile(probs, (8, 1)))["p95"] < floor["mean"]
+    labels = np.array([rng.choice(7, p=p) for p in probs])
+    sharpened = probs**4 / (probs**4).sum(1, keepdims=True)
+    assert expected_calibration_error(labels, sharpened) > 3 * calibration_error_floor(sharpened)["p95"]
+
+
+def test_a_certain_model_has_no_calibration_error_floor() -> None:
+    assert calibration_error_floor(np.eye(7)[[0, 3, 5, 5]]) == {"mean": 0.0, "p95": 0.0}
+
+
 def test_metrics_without_melanoma_cases() -> None:
     labels = np.array([0, 1, 5, 5])
     probs = np.eye(7)[[0, 4, 5, 5]]  # the bcc is called melanoma
@@ -599,8 +622,11 @@ def test_evaluate_cli_scores_every_image_it_finds(trained: Trained, tmp_path: Pa
     expected = compute_metrics(np.array([s.label for s in samples]), probs)
     assert metrics["confusion_matrix"] == expected["confusion_matrix"]
     assert metrics["accuracy"] == pytest.approx(expected["accuracy"])
+    floor = metrics["expected_calibration_error_if_calibrated"]
+    assert floor == pytest.approx(expected["expected_calibration_error_if_calibrated"])
     assert metrics["macro_auc"] == pytest.approx(expected["macro_auc"])
-    assert "images                 61" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "images                 61" in printed and f"95% below {floor['p95']:.4f}" in printed
 
 
 def test_evaluate_cli_on_the_test_split_reproduces_the_training_report(trained: Trained, tmp_path: Path) -> None:

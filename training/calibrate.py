@@ -30,6 +30,7 @@ from skinlesion.calibration import (
     FitData,
     fit_calibration,
     fit_class_gaussians,
+    fit_temperature,
     is_malignant,
     malignant_probability,
     validation_pass_rate,
@@ -38,7 +39,7 @@ from skinlesion.image import TTA_VIEWS, decode_image
 from skinlesion.model import ARCHITECTURES, add_to_checkpoint
 from skinlesion.predictor import Outputs, Predictor, native_bfloat16
 from training.data import Sample, split_dataset
-from training.evaluate import compute_metrics, to_json
+from training.evaluate import calibration_error_floor, compute_metrics, expected_calibration_error, to_json
 from training.ood import out_of_domain_set
 
 # How checkpoints run unless told otherwise (chosen on the validation split, docs/training.md): the four flips
@@ -49,6 +50,8 @@ INFERENCE_BFLOAT16 = True
 # Lesions damaged for each out-of-domain draw (half cropped away, half blurred).
 DAMAGED_LESIONS = 60
 SELECTION_SEED, REPORT_SEED = 0, 1
+# Lesion-grouped folds of the validation split for the out-of-fold calibration figure.
+OUT_OF_FOLD_GROUPS = 5
 
 
 def decode_samples(samples: list[Sample]) -> list[Image.Image]:
@@ -128,6 +131,7 @@ def calibrate_checkpoint(weights: Path, train: list[Sample], val: list[Sample], 
               "val": fit_data(outputs(val_images), val),
               "test": fit_data(outputs(test_images), test)}
     calibration = dataclasses.replace(fit_calibration(splits["train"], splits["val"]), views=views, bfloat16=bfloat16)
+    out_of_fold = out_of_fold_calibration(splits["val"].logits, splits["val"].labels, [s.lesion_id for s in val])
 
     rng = np.random.default_rng(SELECTION_SEED)
     chosen = [val_images[i] for i in rng.choice(len(val_images), min(DAMAGED_LESIONS, len(val_images)), replace=False)]
@@ -156,7 +160,10 @@ def calibrate_checkpoint(weights: Path, train: list[Sample], val: list[Sample], 
         "bfloat16": bfloat16,
         "temperature": calibration.temperature,
         "test_before": {"nll": nll(before, test_data.labels), "ece": metrics_before["expected_calibration_error"]},
-        "test_after": {"nll": nll(after, test_data.labels), "ece": metrics["expected_calibration_error"]},
+        "test_after": {"nll": nll(after, test_data.labels), "ece": metrics["expected_calibration_error"],
+                       "ece_if_calibrated": metrics["expected_calibration_error_if_calibrated"],
+                       "accuracy": metrics["accuracy"], "mean_confidence": float(after.max(1).values.mean())},
+        "validation_out_of_fold": out_of_fold,
         "malignancy": {
             "threshold": calibration.malignancy_threshold,
             "validation_sensitivity": alert_rates(val_probabilities, splits["val"].labels, calibration)[0],
@@ -191,6 +198,30 @@ def calibrate_checkpoint(weights: Path, train: list[Sample], val: list[Sample], 
     return {"calibration": report, "test": metrics}
 
 
+def lesion_folds(lesions: list[str], folds: int) -> torch.Tensor:
+    """Each image's fold: the lesions shuffled (seeded) and dealt round, so a lesion's images share one fold."""
+    order = np.random.default_rng(SELECTION_SEED).permutation(sorted(set(lesions)))
+    fold_of = {lesion: i % folds for i, lesion in enumerate(order)}
+    return torch.tensor([fold_of[lesion] for lesion in lesions])
+
+
+def out_of_fold_calibration(logits: torch.Tensor, labels: torch.Tensor, lesions: list[str],
+                            folds: int = OUT_OF_FOLD_GROUPS) -> dict:
+    """Temperature scaling scored on lesions it was not fitted on: the validation lesions dealt into `folds` groups
+    (a lesion's images stay together), each scored with the temperature fitted on the others. What the method
+    gives new lesions like the validation ones, apart from any shift between validation and test lesions."""
+    groups = lesion_folds(lesions, folds)
+    probabilities = torch.empty(logits.shape, dtype=torch.float64)
+    for group in range(folds):
+        held_out = groups == group
+        temperature = fit_temperature(logits[~held_out], labels[~held_out])
+        probabilities[held_out] = (logits[held_out].double() / temperature).softmax(1)
+    truth, probs = labels.numpy(), probabilities.numpy()
+    return {"folds": folds, "nll": nll(probabilities, labels), "ece": expected_calibration_error(truth, probs),
+            "ece_if_calibrated": calibration_error_floor(probs), "accuracy": float((probs.argmax(1) == truth).mean()),
+            "mean_confidence": float(probs.max(1).mean())}
+
+
 def alert_rates(probabilities: torch.Tensor, labels: torch.Tensor, calibration: Calibration) -> tuple[float, float]:
     """(sensitivity, specificity) of the malignancy alert."""
     alert = malignant_probability(probabilities) >= calibration.malignancy_threshold
@@ -200,13 +231,21 @@ def alert_rates(probabilities: torch.Tensor, labels: torch.Tensor, calibration: 
     return sensitivity, specificity
 
 
+def floor_text(floor: dict[str, float]) -> str:
+    return f"{floor['mean']:.4f}, 95% below {floor['p95']:.4f}"
+
+
 def format_calibration(report: dict) -> str:
     ood = report["out_of_domain"]
     lines = [
         f"fitted for             test-time views {report['views']}, {'bfloat16' if report['bfloat16'] else 'float32'} trunk",
         f"temperature            {report['temperature']:.3f}",
         f"test NLL               {report['test_before']['nll']:.4f} -> {report['test_after']['nll']:.4f}",
-        f"test ECE (15 bins)     {report['test_before']['ece']:.4f} -> {report['test_after']['ece']:.4f}",
+        f"test ECE (15 bins)     {report['test_before']['ece']:.4f} -> {report['test_after']['ece']:.4f} "
+        f"(perfectly calibrated: {floor_text(report['test_after']['ece_if_calibrated'])})",
+        f"validation ECE, out of fold ({report['validation_out_of_fold']['folds']} lesion groups) "
+        f"{report['validation_out_of_fold']['ece']:.4f} (perfectly calibrated: "
+        f"{floor_text(report['validation_out_of_fold']['ece_if_calibrated'])})",
         f"malignancy threshold   {report['malignancy']['threshold']:.4f} (validation sensitivity "
         f"{report['malignancy']['validation_sensitivity']:.3f})",
         f"malignancy, test       sensitivity {report['malignancy']['test_sensitivity']:.3f}, specificity "
