@@ -104,6 +104,13 @@ def calibration_figures(report: dict) -> dict[str, str]:
         "malignancy alert: test sensitivity / specificity":
             f"{figure(malignancy['test_sensitivity'])} / {figure(malignancy['test_specificity'])}",
         "malignant vs benign AUC": figure(report["test"]["malignant_auc"]),
+        "test ECE of perfectly calibrated probabilities: mean, 95th percentile":
+            f"{figure(after['ece_if_calibrated']['mean'])}, {figure(after['ece_if_calibrated']['p95'])}",
+        "validation ECE, out of fold (5 lesion groups)": figure(calibration["validation_out_of_fold"]["ece"]),
+        "accuracy at mean confidence: validation / test":
+            f"{figure(calibration['validation_out_of_fold']['accuracy'])} at "
+            f"{figure(calibration['validation_out_of_fold']['mean_confidence'])} / {figure(report['test']['accuracy'])} "
+            f"at {figure(after['mean_confidence'])}",
     }
 
 

@@ -162,7 +162,7 @@ def calibrate_checkpoint(weights: Path, train: list[Sample], val: list[Sample], 
         "test_before": {"nll": nll(before, test_data.labels), "ece": metrics_before["expected_calibration_error"]},
         "test_after": {"nll": nll(after, test_data.labels), "ece": metrics["expected_calibration_error"],
                        "ece_if_calibrated": metrics["expected_calibration_error_if_calibrated"],
-                       "accuracy": metrics["accuracy"], "mean_confidence": float(after.max(1).values.mean())},
+                       "mean_confidence": float(after.max(1).values.mean())},
         "validation_out_of_fold": out_of_fold,
         "malignancy": {
             "threshold": calibration.malignancy_threshold,

@@ -147,7 +147,7 @@ def render(reports: dict[str, dict]) -> str:
     out_of_fold = " and ".join(f"{calibration[a]['validation_out_of_fold']['ece']:.3f}" for a in archs)
     floor = max(calibration[a]["test_after"]["ece_if_calibrated"]["p95"] for a in archs)
     shift = [f"{a}: {c['validation_out_of_fold']['accuracy']:.3f} at {c['validation_out_of_fold']['mean_confidence']:.3f} "
-             f"on validation, {c['test_after']['accuracy']:.3f} at {c['test_after']['mean_confidence']:.3f} on test"
+             f"on validation, {reports[a]['test']['accuracy']:.3f} at {c['test_after']['mean_confidence']:.3f} on test"
              for a, c in calibration.items()]
     lines += [
         "",
@@ -166,7 +166,7 @@ def render(reports: dict[str, dict]) -> str:
         *(f"  {line}{';' if i < len(shift) - 1 else '.'}" for i, line in enumerate(shift)),
         *(["  The validation lesions, which also chose the weights, are easier for the models than the test ones, and a",
            "  temperature fitted on them cannot see that."]
-          if all(c["validation_out_of_fold"]["accuracy"] > c["test_after"]["accuracy"] for c in calibration.values())
+          if all(calibration[a]["validation_out_of_fold"]["accuracy"] > reports[a]["test"]["accuracy"] for a in archs)
           else []),
         "- Seven classes only: anything else (e.g. squamous cell carcinoma, scars) gets one of the seven labels.",
         "- The images are 200x150 copies; full-size photos are downscaled to the model's input the same way.",
