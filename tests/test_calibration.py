@@ -29,7 +29,14 @@ from skinlesion.model import ARCHITECTURES, CLASS_CODES, CLASS_NAMES, DEFAULT_IM
 from skinlesion.predictor import Predictor
 from skinlesion.service import MODEL_CARD_REQUEST, respond
 from tests.conftest import ROOT
-from training.calibrate import OUT_OF_FOLD_GROUPS, lesion_folds, out_of_fold_calibration
+from training.calibrate import (
+    CALIBRATORS,
+    OUT_OF_FOLD_GROUPS,
+    lesion_folds,
+    out_of_fold_calibration,
+    temperature_and_class_bias,
+    temperature_scaling,
+)
 from training.ood import SAMPLE_PHOTOS, out_of_domain_set
 
 
@@ -62,6 +69,32 @@ def test_out_of_fold_calibration_scores_each_fold_with_the_others_temperature() 
     raw = torch.nn.functional.cross_entropy(logits, labels).item()
     assert report["nll"] < raw - 0.1
     assert report["nll"] == pytest.approx(torch.nn.functional.cross_entropy(logits / 2.5, labels).item(), abs=0.01)
+
+
+def test_a_class_bias_undoes_the_lean_a_temperature_cannot() -> None:
+    """Labels drawn from softmax(logits / 2 + b), as from a network trained with class weights that favour the
+    rarer classes: the temperature alone leaves every probability leaning away from the common class (5, nv)."""
+    generator = torch.Generator().manual_seed(0)
+    logits = 3 * torch.randn(6_000, 7, generator=generator)
+    bias = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 1.5, 0.0])
+    truth = (logits / 2 + bias).softmax(1)
+    labels = torch.multinomial(truth, 1, generator=generator).squeeze(1)
+    fit, held_out = slice(0, 4_000), slice(4_000, None)
+    with_bias = temperature_and_class_bias(logits[fit], labels[fit])(logits[held_out])
+    temperature_only = temperature_scaling(logits[fit], labels[fit])(logits[held_out])
+    assert (with_bias - truth[held_out]).abs().mean() < 0.01
+    expected_share = truth[held_out, 5].mean()
+    assert with_bias[:, 5].mean() == pytest.approx(expected_share, abs=0.01)
+    assert temperature_only[:, 5].mean() < expected_share - 0.1
+    # Out of fold, the report tells them apart the same way.
+    lesions = [f"lesion{i // 2}" for i in range(6_000)]
+    scored = {name: out_of_fold_calibration(logits, labels, lesions, fit=fit) for name, fit in CALIBRATORS.items()}
+    shipped, alternative = scored["temperature"], scored["temperature and class bias"]
+    assert alternative["nll"] < shipped["nll"] - 0.05
+    assert alternative["malignant_ece"] < shipped["malignant_ece"]
+    assert alternative["mean_malignant_probability"] == pytest.approx(alternative["malignant_share"], abs=0.02)
+    assert shipped["mean_malignant_probability"] > shipped["malignant_share"] + 0.05
+    assert shipped["malignant_share"] == pytest.approx(float(is_malignant(labels).double().mean()))
 
 
 def test_validation_folds_follow_lesions() -> None:

@@ -63,6 +63,16 @@ def explain(url: str, body: bytes, source: str) -> tuple[int, float, dict, dict]
         connection.close()
 
 
+def explain_when_admitted(url: str, body: bytes, source: str, attempts: int = 4) -> tuple[int, float, dict, dict]:
+    """explain(), sent again after Retry-After while it is refused as busy."""
+    for _ in range(attempts - 1):
+        answer = explain(url, body, source)
+        if answer[0] != 503:
+            return answer
+        time.sleep(int(answer[2]["Retry-After"]))
+    return explain(url, body, source)
+
+
 def computed(service: Service) -> int:
     """Explanations the workers started computing, from their log."""
     text = "".join(p.read_text() for p in (service.run_dir / "torchserve").glob("model_log.log*"))
@@ -72,10 +82,12 @@ def computed(service: Service) -> int:
 def test_explanations_beyond_the_deadline_are_refused_at_once_and_never_computed(short_deadline_service: Service,
                                                                                   image_b64: str) -> None:
     body = json.dumps({"image": image_b64, "explain": True, "precision": "Low"}).encode()
-    # Two at a time first: the ledger learns what an explanation takes on this machine.
+    # Two at a time first: the ledger learns what an explanation takes on this machine. While its median still
+    # rests on the slow first explanations, a slow machine may refuse one of a pair: it is sent again when told.
     with ThreadPoolExecutor(2) as pool:
         for _ in range(WARMUP_ROUNDS):
-            warmup = list(pool.map(lambda i: explain(short_deadline_service.url, body, client_address(100 + i)), range(2)))
+            warmup = list(pool.map(lambda i: explain_when_admitted(short_deadline_service.url, body, client_address(100 + i)),
+                                   range(2)))
             assert [status for status, *_ in warmup] == [200, 200]
     before = computed(short_deadline_service)
 

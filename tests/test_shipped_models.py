@@ -13,10 +13,10 @@ from skinlesion.image import decode_image
 from skinlesion.model import ARCHITECTURES, DEFAULT_IMAGE_SIZE
 from skinlesion.predictor import Predictor
 from tests.conftest import HAM10000, ROOT
-from training.calibrate import image_outputs
+from training.calibrate import calibrators_scored, image_outputs
 from training.data import TEST_FOLDER, read_samples
 from training.evaluate import compute_metrics, predict_samples
-from training.model_card import read_reports, render
+from training.model_card import malignant_share, mean_malignant_probability, read_reports, render
 from training.ood import out_of_domain_set
 
 
@@ -111,7 +111,16 @@ def calibration_figures(report: dict) -> dict[str, str]:
             f"{figure(calibration['validation_out_of_fold']['accuracy'])} at "
             f"{figure(calibration['validation_out_of_fold']['mean_confidence'])} / {figure(report['test']['accuracy'])} "
             f"at {figure(after['mean_confidence'])}",
+        "test P(malignant) ECE": figure(report["test"]["malignant_calibration_error"]),
+        "test mean P(malignant) / share of malignant lesions":
+            f"{figure(mean_malignant_probability(report['test']))} / {figure(malignant_share(report['test']))}",
     }
+
+
+def calibrator_figures(report: dict) -> dict[str, list[str]]:
+    """docs/training.md's calibrator comparison: each calibrator's out-of-fold validation figures, by row."""
+    return {name: [figure(m[key]) for key in ("nll", "ece", "malignant_ece", "accuracy", "balanced_accuracy")]
+            for name, m in calibrators_scored(report["calibration"]).items()}
 
 
 @pytest.mark.parametrize("page", ["README.md", "docs/training.md"])
@@ -139,3 +148,6 @@ def test_calibration_tables_quote_the_shipped_reports() -> None:
     for name in candidates[archs[0]]:
         expected = [figure(candidates[a][name][key]) for a in archs for key in ("auroc", "flagged")]
         assert labelled_row(text, name) == expected, name
+    calibrators = {arch: calibrator_figures(reports[arch]) for arch in archs}
+    for name in calibrators[archs[0]]:
+        assert labelled_row(text, name) == [cell for a in archs for cell in calibrators[a][name]], name

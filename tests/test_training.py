@@ -32,7 +32,13 @@ from training.ablation import format_table
 from training.ablation import main as ablation_main
 from training.calibrate import main as calibrate_main
 from training.data import TEST_FOLDER, TRAIN_FOLDER, grouped_split, read_samples, split_dataset
-from training.evaluate import calibration_error_floor, compute_metrics, expected_calibration_error, predict_samples
+from training.evaluate import (
+    calibration_error_floor,
+    compute_metrics,
+    expected_calibration_error,
+    malignant_calibration_error,
+    predict_samples,
+)
 from training.evaluate import main as evaluate_main
 from training.model_card import main as model_card_main
 
@@ -254,7 +260,8 @@ def test_calibrate_cli_refits_a_checkpoint_and_updates_its_report(trained: Train
     assert set(saved["calibration"]["out_of_domain"]["selection_set"]["candidates"]) >= {"energy", "max logit"}
     out_of_fold = saved["calibration"]["validation_out_of_fold"]
     assert 0 <= out_of_fold["ece"] <= 1 and out_of_fold["ece_if_calibrated"]["mean"] <= out_of_fold["ece_if_calibrated"]["p95"]
-    assert "out of fold" in printed and "perfectly calibrated" in printed
+    assert set(saved["calibration"]["validation_out_of_fold_alternatives"]) == {"temperature and class bias"}
+    assert "out of fold" in printed and "perfectly calibrated" in printed and "temperature (shipped)" in printed
     assert calibrate_main([str(trained.root), "--type", "resnet18", "--weights", str(tmp_path / "absent.pt")]) == 2
 
 
@@ -568,6 +575,17 @@ def test_metrics_on_a_hand_made_case() -> None:
     assert np.isnan(pc["df"]["auc"])
     assert m["macro_auc"] == pytest.approx((19 / 24 + 20 / 25 + 1.0) / 3)
     assert m["expected_calibration_error"] == pytest.approx(0.1)  # confidence 0.7 everywhere, accuracy 0.8
+    assert pc["mel"]["mean_probability"] == pytest.approx((4 * 0.7 + 6 * 0.05) / 10)  # 4 rows predict melanoma
+
+
+def test_malignant_calibration_error_reads_p_malignant_as_a_probability() -> None:
+    akiec, bcc, bkl, df, mel, nv, vasc = range(7)
+    probs = np.zeros((10, 7))
+    probs[:5, [mel, nv]] = 0.62, 0.38  # P(malignant) 0.62: 4 of these 5 are malignant
+    probs[5:, [bcc, nv]] = 0.1, 0.9  # P(malignant) 0.1: 1 of these 5
+    labels = np.array([mel, mel, bcc, akiec, nv, bcc, nv, nv, bkl, vasc])
+    assert malignant_calibration_error(labels, probs) == pytest.approx(0.5 * (0.8 - 0.62) + 0.5 * (0.2 - 0.1))
+    assert malignant_calibration_error(labels, probs) == compute_metrics(labels, probs)["malignant_calibration_error"]
 
 
 def test_a_perfectly_calibrated_model_measures_about_its_calibration_error_floor() -> None:

@@ -18,12 +18,13 @@ import argparse
 import dataclasses
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
 from skinlesion.calibration import (
     Calibration,
@@ -39,7 +40,13 @@ from skinlesion.image import TTA_VIEWS, decode_image
 from skinlesion.model import ARCHITECTURES, add_to_checkpoint
 from skinlesion.predictor import Outputs, Predictor, native_bfloat16
 from training.data import Sample, split_dataset
-from training.evaluate import calibration_error_floor, compute_metrics, expected_calibration_error, to_json
+from training.evaluate import (
+    calibration_error_floor,
+    compute_metrics,
+    expected_calibration_error,
+    malignant_calibration_error,
+    to_json,
+)
 from training.ood import out_of_domain_set
 
 # How checkpoints run unless told otherwise (chosen on the validation split, docs/training.md): the four flips
@@ -50,8 +57,10 @@ INFERENCE_BFLOAT16 = True
 # Lesions damaged for each out-of-domain draw (half cropped away, half blurred).
 DAMAGED_LESIONS = 60
 SELECTION_SEED, REPORT_SEED = 0, 1
-# Lesion-grouped folds of the validation split for the out-of-fold calibration figure.
+# Lesion-grouped folds of the validation split for the out-of-fold calibration figures.
 OUT_OF_FOLD_GROUPS = 5
+# Fitted calibration: raw logits -> calibrated probabilities.
+Calibrator = Callable[[torch.Tensor], torch.Tensor]
 
 
 def decode_samples(samples: list[Sample]) -> list[Image.Image]:
@@ -131,7 +140,10 @@ def calibrate_checkpoint(weights: Path, train: list[Sample], val: list[Sample], 
               "val": fit_data(outputs(val_images), val),
               "test": fit_data(outputs(test_images), test)}
     calibration = dataclasses.replace(fit_calibration(splits["train"], splits["val"]), views=views, bfloat16=bfloat16)
-    out_of_fold = out_of_fold_calibration(splits["val"].logits, splits["val"].labels, [s.lesion_id for s in val])
+    val_lesions = [s.lesion_id for s in val]
+    out_of_fold = {name: out_of_fold_calibration(splits["val"].logits, splits["val"].labels, val_lesions, fit=fit)
+                   for name, fit in CALIBRATORS.items()}
+    shipped_calibrator = next(iter(CALIBRATORS))
 
     rng = np.random.default_rng(SELECTION_SEED)
     chosen = [val_images[i] for i in rng.choice(len(val_images), min(DAMAGED_LESIONS, len(val_images)), replace=False)]
@@ -163,7 +175,8 @@ def calibrate_checkpoint(weights: Path, train: list[Sample], val: list[Sample], 
         "test_after": {"nll": nll(after, test_data.labels), "ece": metrics["expected_calibration_error"],
                        "ece_if_calibrated": metrics["expected_calibration_error_if_calibrated"],
                        "mean_confidence": float(after.max(1).values.mean())},
-        "validation_out_of_fold": out_of_fold,
+        "validation_out_of_fold": out_of_fold.pop(shipped_calibrator),
+        "validation_out_of_fold_alternatives": out_of_fold,
         "malignancy": {
             "threshold": calibration.malignancy_threshold,
             "validation_sensitivity": alert_rates(val_probabilities, splits["val"].labels, calibration)[0],
@@ -198,6 +211,43 @@ def calibrate_checkpoint(weights: Path, train: list[Sample], val: list[Sample], 
     return {"calibration": report, "test": metrics}
 
 
+def temperature_scaling(logits: torch.Tensor, labels: torch.Tensor) -> Calibrator:
+    """The shipped calibrator: logits -> softmax(logits / T), T fitted by minimum NLL."""
+    temperature = fit_temperature(logits, labels)
+    return lambda x: (x.double() / temperature).softmax(1)
+
+
+def temperature_and_class_bias(logits: torch.Tensor, labels: torch.Tensor) -> Calibrator:
+    """The alternative compared with it: softmax(logits / T + b), T and one bias per class fitted by minimum NLL
+    (bias-corrected temperature scaling, Alexandari et al. 2020). The bias can undo the lean towards the rarer
+    classes that the class-weighted training loss gives the logits, which a temperature cannot; it also moves
+    the top label."""
+    logits, labels = logits.double(), labels.long()
+    log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros(logits.shape[1], dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([log_t, bias], max_iter=500, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(logits / log_t.exp() + bias, labels)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    temperature, bias = float(log_t.detach().exp()), bias.detach()
+    return lambda x: (x.double() / temperature + bias).softmax(1)
+
+
+# Calibrators scored out of fold on the validation lesions; the first is the one fitted into checkpoints.
+CALIBRATORS = {"temperature": temperature_scaling, "temperature and class bias": temperature_and_class_bias}
+
+
+def calibrators_scored(report: dict) -> dict[str, dict]:
+    """A calibration report's out-of-fold validation figures by calibrator, the shipped one first, marked so."""
+    return {f"{next(iter(CALIBRATORS))} (shipped)": report["validation_out_of_fold"],
+            **report["validation_out_of_fold_alternatives"]}
+
+
 def lesion_folds(lesions: list[str], folds: int) -> torch.Tensor:
     """Each image's fold: the lesions shuffled (seeded) and dealt round, so a lesion's images share one fold."""
     order = np.random.default_rng(SELECTION_SEED).permutation(sorted(set(lesions)))
@@ -206,20 +256,24 @@ def lesion_folds(lesions: list[str], folds: int) -> torch.Tensor:
 
 
 def out_of_fold_calibration(logits: torch.Tensor, labels: torch.Tensor, lesions: list[str],
-                            folds: int = OUT_OF_FOLD_GROUPS) -> dict:
-    """Temperature scaling scored on lesions it was not fitted on: the validation lesions dealt into `folds` groups
-    (a lesion's images stay together), each scored with the temperature fitted on the others. What the method
-    gives new lesions like the validation ones, apart from any shift between validation and test lesions."""
+                            folds: int = OUT_OF_FOLD_GROUPS,
+                            fit: Callable[[torch.Tensor, torch.Tensor], Calibrator] = temperature_scaling) -> dict:
+    """A calibrator scored on lesions it was not fitted on: the validation lesions dealt into `folds` groups (a
+    lesion's images stay together), each scored with the calibrator fitted on the others. What the method gives
+    new lesions like the validation ones, apart from any shift between validation and test lesions."""
     groups = lesion_folds(lesions, folds)
     probabilities = torch.empty(logits.shape, dtype=torch.float64)
     for group in range(folds):
         held_out = groups == group
-        temperature = fit_temperature(logits[~held_out], labels[~held_out])
-        probabilities[held_out] = (logits[held_out].double() / temperature).softmax(1)
+        probabilities[held_out] = fit(logits[~held_out], labels[~held_out])(logits[held_out])
     truth, probs = labels.numpy(), probabilities.numpy()
     return {"folds": folds, "nll": nll(probabilities, labels), "ece": expected_calibration_error(truth, probs),
             "ece_if_calibrated": calibration_error_floor(probs), "accuracy": float((probs.argmax(1) == truth).mean()),
-            "mean_confidence": float(probs.max(1).mean())}
+            "balanced_accuracy": float(balanced_accuracy_score(truth, probs.argmax(1))),
+            "mean_confidence": float(probs.max(1).mean()),
+            "malignant_ece": malignant_calibration_error(truth, probs),
+            "mean_malignant_probability": float(malignant_probability(probabilities).mean()),
+            "malignant_share": float(is_malignant(labels).double().mean())}
 
 
 def alert_rates(probabilities: torch.Tensor, labels: torch.Tensor, calibration: Calibration) -> tuple[float, float]:
@@ -246,6 +300,11 @@ def format_calibration(report: dict) -> str:
         f"validation ECE, out of fold ({report['validation_out_of_fold']['folds']} lesion groups) "
         f"{report['validation_out_of_fold']['ece']:.4f} (perfectly calibrated: "
         f"{floor_text(report['validation_out_of_fold']['ece_if_calibrated'])})",
+        "calibrators, out of fold on validation: NLL, ECE, P(malignant) ECE, mean P(malignant) / malignant share, "
+        "accuracy, balanced accuracy",
+        *(f"  {name:<28} {m['nll']:.4f}  {m['ece']:.4f}  {m['malignant_ece']:.4f}  {m['mean_malignant_probability']:.3f} / "
+          f"{m['malignant_share']:.3f}  {m['accuracy']:.4f}  {m['balanced_accuracy']:.4f}"
+          for name, m in calibrators_scored(report).items()),
         f"malignancy threshold   {report['malignancy']['threshold']:.4f} (validation sensitivity "
         f"{report['malignancy']['validation_sensitivity']:.3f})",
         f"malignancy, test       sensitivity {report['malignancy']['test_sensitivity']:.3f}, specificity "

@@ -45,6 +45,14 @@ def expected_calibration_error(labels: np.ndarray, probs: np.ndarray, bins: int 
     return float(binned_calibration_gap(probs.max(axis=1), (probs.argmax(axis=1) == labels).astype(np.float64), bins))
 
 
+def malignant_calibration_error(labels: np.ndarray, probs: np.ndarray, bins: int = 15) -> float:
+    """ECE of `malignant_probability` as a probability of its own: the gap between P(malignant) and the share of
+    malignant lesions, averaged over equal-width bins of P(malignant). The top-label ECE cannot see a model that
+    spreads probability towards the rarer classes while its top label stays well calibrated."""
+    malignant = np.asarray(probs, dtype=np.float64)[:, MALIGNANT_INDICES].sum(axis=1)
+    return float(binned_calibration_gap(malignant, np.isin(labels, MALIGNANT_INDICES).astype(np.float64), bins))
+
+
 def calibration_error_floor(probs: np.ndarray, draws: int = ECE_FLOOR_DRAWS, seed: int = 0) -> dict[str, float]:
     """The ECE a perfectly calibrated model would measure on these images: each top label drawn to be right with
     exactly its stated probability. ECE on a finite set is biased upwards (each bin's accuracy is a noisy count),
@@ -84,6 +92,7 @@ def compute_metrics(labels: np.ndarray, probs: np.ndarray) -> dict:
         "melanoma_specificity": float((preds[mel_negatives] != MELANOMA).mean()) if mel_negatives.any() else float("nan"),
         "expected_calibration_error": expected_calibration_error(labels, probs),
         "expected_calibration_error_if_calibrated": calibration_error_floor(probs),
+        "malignant_calibration_error": malignant_calibration_error(labels, probs),
         "per_class": {
             code: {
                 "precision": float(precision[k]),
@@ -91,6 +100,8 @@ def compute_metrics(labels: np.ndarray, probs: np.ndarray) -> dict:
                 "f1": float(f1[k]),
                 "auc": aucs.get(k, float("nan")),
                 "support": int(support[k]),
+                # Against support / n_images: whether probability leans towards or away from this class.
+                "mean_probability": float(probs[:, k].mean()) if len(labels) else float("nan"),
             }
             for k, code in enumerate(CLASS_CODES)
         },
@@ -141,12 +152,14 @@ def format_report(metrics: dict) -> str:
         f"calibration error      {metrics['expected_calibration_error']:.4f} (perfectly calibrated, on as many images: "
         f"{metrics['expected_calibration_error_if_calibrated']['mean']:.4f}, 95% below "
         f"{metrics['expected_calibration_error_if_calibrated']['p95']:.4f})",
+        f"P(malignant) ECE       {metrics['malignant_calibration_error']:.4f}",
         "",
-        f"{'class':<6} {'precision':>9} {'recall':>7} {'f1':>6} {'auc':>6} {'n':>5}",
+        f"{'class':<6} {'precision':>9} {'recall':>7} {'f1':>6} {'auc':>6} {'n':>5} {'share':>6} {'mean p':>6}",
     ]
     for code, m in metrics["per_class"].items():
         lines.append(
             f"{code:<6} {m['precision']:>9.3f} {m['recall']:>7.3f} {m['f1']:>6.3f} {m['auc']:>6.3f} {m['support']:>5}"
+            f" {m['support'] / max(metrics['n_images'], 1):>6.3f} {m['mean_probability']:>6.3f}"
         )
     lines += ["", "confusion matrix (rows: true, columns: predicted)", "       " + " ".join(f"{c:>5}" for c in CLASS_CODES)]
     rows = zip(CLASS_CODES, metrics["confusion_matrix"], strict=True)

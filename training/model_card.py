@@ -14,6 +14,7 @@ from pathlib import Path
 
 from skinlesion.calibration import IN_DOMAIN_PASS_RATE, MALIGNANCY_SENSITIVITY, MALIGNANT_CODES
 from skinlesion.model import ARCHITECTURES, CLASSES
+from training.calibrate import calibrators_scored
 
 CITATION = (
     "Tschandl, P., Rosendahl, C. & Kittler, H. The HAM10000 dataset, a large collection of multi-source "
@@ -29,6 +30,14 @@ SUMMARY_METRICS = (
     ("malignant vs benign ROC AUC", "malignant_auc"),
     ("expected calibration error (15 bins)", "expected_calibration_error"),
 )
+
+
+def mean_malignant_probability(metrics: dict) -> float:
+    return sum(metrics["per_class"][code]["mean_probability"] for code in MALIGNANT_CODES)
+
+
+def malignant_share(metrics: dict) -> float:
+    return sum(metrics["per_class"][code]["support"] for code in MALIGNANT_CODES) / metrics["n_images"]
 
 
 def table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -81,8 +90,10 @@ def render(reports: dict[str, dict]) -> str:
     for arch in archs:
         per_class = reports[arch]["test"]["per_class"]
         lines += ["", f"Per class, {arch}:", ""]
-        lines += table(["class", "precision", "recall", "ROC AUC", "test images"],
-                       [[f"`{code}`", f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['auc']:.3f}", str(m["support"])]
+        n_images = reports[arch]["test"]["n_images"]
+        lines += table(["class", "precision", "recall", "ROC AUC", "test images", "share", "mean probability"],
+                       [[f"`{code}`", f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['auc']:.3f}", str(m["support"]),
+                         f"{m['support'] / n_images:.3f}", f"{m['mean_probability']:.3f}"]
                         for code, m in per_class.items()])
     lines += [
         "",
@@ -107,7 +118,35 @@ def render(reports: dict[str, dict]) -> str:
             lambda c: f"{c['test_after']['ece_if_calibrated']['mean']:.3f}, {c['test_after']['ece_if_calibrated']['p95']:.3f}"),
         row("validation ECE, each lesion scored with a temperature fitted without it",
             lambda c: f"{c['validation_out_of_fold']['ece']:.3f}"),
+        ["test P(malignant) ECE (15 bins of P(malignant))",
+         *(f"{reports[a]['test']['malignant_calibration_error']:.3f}" for a in archs)],
+        ["test mean P(malignant) / share of malignant lesions",
+         *(f"{mean_malignant_probability(reports[a]['test']):.3f} / {malignant_share(reports[a]['test']):.3f}"
+           for a in archs)],
     ])
+    scored = {name: {a: calibrators_scored(calibration[a])[name] for a in archs}
+              for name in calibrators_scored(calibration[archs[0]])}
+    shipped, *alternatives = scored.values()
+    lines += [
+        "",
+        "The top-label ECE cannot see that the class-weighted training loss spreads probability towards the rarer",
+        "classes (the `share` and `mean probability` columns above), which a temperature keeps. A bias per class as",
+        "well (bias-corrected temperature scaling, `training.calibrate`'s alternative) was scored the same way, out",
+        "of fold on the validation lesions:",
+        "",
+    ]
+    lines += table(["calibrator (validation, out of fold)", "model", "NLL", "ECE", "P(malignant) ECE", "accuracy",
+                    "balanced accuracy"],
+                   [[name, a, *(f"{m[key]:.3f}" for key in ("nll", "ece", "malignant_ece", "accuracy", "balanced_accuracy"))]
+                    for name, by_arch in scored.items() for a, m in by_arch.items()])
+    if alternatives and all(alternative[a]["balanced_accuracy"] < shipped[a]["balanced_accuracy"]
+                            for alternative in alternatives for a in archs):
+        lines += [
+            "",
+            "The bias makes the class probabilities honest but moves the top label towards nevi, giving up the minority-class",
+            "recall the weighted loss was for (balanced accuracy above), so the temperature alone ships and",
+            "`malignant_probability` is read with its lean in mind (Known limits).",
+        ]
     lines += [
         "",
         "## Operating points",
@@ -167,6 +206,14 @@ def render(reports: dict[str, dict]) -> str:
         *(["  The validation lesions, which also chose the weights, are easier for the models than the test ones, and a",
            "  temperature fitted on them cannot see that."]
           if all(calibration[a]["validation_out_of_fold"]["accuracy"] > reports[a]["test"]["accuracy"] for a in archs)
+          else []),
+        *(["- **Probabilities lean towards the rarer classes**: on the test split P(malignant) averages "
+           + " and ".join(f"{mean_malignant_probability(reports[a]['test']):.3f}" for a in archs),
+           f"  against a {malignant_share(reports[archs[0]]['test']):.3f} share of malignant lesions, and nevi get less than"
+           " their share (Calibration). `malignant_probability`",
+           "  ranks lesions and drives the alert as measured (its threshold is fitted on these probabilities), but on",
+           "  average it states more risk than lesions like these carry."]
+          if all(mean_malignant_probability(reports[a]["test"]) > malignant_share(reports[a]["test"]) for a in archs)
           else []),
         "- Seven classes only: anything else (e.g. squamous cell carcinoma, scars) gets one of the seven labels.",
         "- The images are 200x150 copies; full-size photos are downscaled to the model's input the same way.",
