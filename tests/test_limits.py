@@ -90,18 +90,23 @@ def test_too_many_requests_at_once_from_one_address_get_429_with_the_envelope(se
 
 def test_explanations_beyond_the_rate_get_429(service) -> None:
     body = json.dumps({"image": base64.b64encode(b"not an image").decode(), "explain": True}).encode()
-    statuses = []
-    for _ in range(16):  # 1 + a burst of 10 pass at once, the rest within the minute are refused
-        sock = connect(service, "127.0.0.4")
+    # All 16 sent before any answer is read: nginx decides each on arrival, within a few ms, so none of the rate
+    # (one every 3 s) refills between them however slowly the explanation model answers the admitted ones.
+    sockets = [connect(service, "127.0.0.4") for _ in range(16)]
+    for sock in sockets:
         sock.sendall(headers(len(body)) + body)
+    statuses = []
+    for sock in sockets:
         status, fields, answer = read_answer(sock)
         sock.close()
         statuses.append(status)
         assert answer["success"] is False
         if status == 429:
             assert fields["retry-after"] == "10" and "20 explanations a minute" in answer["error"]
-    assert statuses[:11] == [400] * 11  # refused by the explanation model: not an image
-    assert statuses.count(429) >= 4
+        else:  # passed by nginx: refused by the explanation model as not an image, or as busy by its admission
+            assert status in (400, 503)
+    assert statuses.count(429) in (4, 5)  # 1 + a burst of 10 pass, the rest within the minute are refused
+    assert 400 in statuses
 
 
 def test_a_body_sent_too_slowly_gets_408(service) -> None:
