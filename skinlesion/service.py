@@ -31,6 +31,10 @@ MAX_INSTANCES = 16
 MAX_EXPLANATIONS_PER_REQUEST = 1
 # The body nginx sends for GET /model (proxy/nginx.conf): answered with the model card, not a prediction.
 MODEL_CARD_REQUEST = {"model_card": True}
+# The body nginx sends when its per-address explanation rate refuses a request the batching pool had already
+# admitted (proxy/nginx.conf @explanation_rate_refused): the admission is released at once, so a client sending
+# beyond its rate holds no other client's explanation back until the deadline.
+RATE_REFUSED_REQUEST = {"explanation_rate_refused": True}
 DATA_URL_PREFIX = re.compile(r"data:image/[A-Za-z0-9.+-]+;base64,")
 WHITESPACE = re.compile(r"\s+")
 
@@ -177,6 +181,11 @@ def respond(predictor: Predictor, bodies: list[Any], timings: dict[str, float] |
             fields = parse_body(body)
             if fields == MODEL_CARD_REQUEST:
                 answers[i] = (200, {"success": True, **predictor.model_card()})
+                continue
+            if fields == RATE_REFUSED_REQUEST:
+                if ledger is not None and arrivals[i].request_id:
+                    ledger.finish(arrivals[i].request_id)
+                answers[i] = (429, failure("too many explanations from this address; retry later"))
                 continue
             request = parse_request(fields)
             if request.explain and explanations_at:

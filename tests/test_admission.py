@@ -182,6 +182,34 @@ def test_an_explanation_answered_with_an_error_before_it_starts_stops_counting(p
     assert admitted(ledger) == {"still waiting"}
 
 
+def test_an_explanation_the_rate_refuses_after_its_admission_stops_counting(predictor, fullres_images,
+                                                                          tmp_path: Path) -> None:
+    from skinlesion.service import RATE_REFUSED_REQUEST, Arrival, respond
+
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    ledger.register_worker(deadline=60.0, pool=predictor.arch)
+    [(status, _)] = respond(predictor, [lesion_body(fullres_images)], explanations_at="/explain",
+                            arrivals=[Arrival("over the rate", time.time())], ledger=ledger)
+    assert status == 307 and admitted(ledger) == {"over the rate"}
+    # nginx's rate then refuses the replay and sends the batching pool this body with the same request id.
+    [(status, answer)] = respond(predictor, [RATE_REFUSED_REQUEST], explanations_at="/explain",
+                                 arrivals=[Arrival("over the rate", time.time())], ledger=ledger)
+    assert status == 429 and answer["success"] is False
+    assert admitted(ledger) == set()
+
+
+def test_nginx_releases_a_rate_refused_explanation_with_the_body_the_handler_knows() -> None:
+    import json
+    import re
+
+    from skinlesion.service import RATE_REFUSED_REQUEST
+
+    conf = (Path(__file__).resolve().parents[1] / "proxy" / "nginx.conf").read_text()
+    location = re.search(r"location @explanation_rate_refused \{.*?proxy_set_body '([^']*)';", conf, re.S)
+    assert json.loads(location[1]) == RATE_REFUSED_REQUEST
+    assert re.search(r"location @explain \{[^}]*error_page 429 = @explanation_rate_refused;", conf)
+
+
 def test_lime_stops_between_batches_at_the_deadline(predictor, fullres_images, tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     from skinlesion.service import Arrival, respond

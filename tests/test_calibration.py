@@ -214,8 +214,8 @@ def test_the_model_card_request_is_answered_with_the_card(predictor) -> None:
 
 def test_nginx_asks_for_the_card_with_the_body_the_handler_knows() -> None:
     conf = (ROOT / "proxy" / "nginx.conf").read_text()
-    [body] = re.findall(r"proxy_set_body '([^']*)';", conf)
-    assert json.loads(body) == MODEL_CARD_REQUEST
+    location = re.search(r"location = /model \{.*?proxy_set_body '([^']*)';", conf, re.S)
+    assert json.loads(location[1]) == MODEL_CARD_REQUEST
 
 
 def test_the_out_of_domain_set_has_every_kind_and_each_seed_draws_anew(fullres_images) -> None:

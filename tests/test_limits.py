@@ -13,6 +13,8 @@ import urllib.parse
 import pytest
 import requests
 
+from skinlesion.admission import LEDGER_NAME, Ledger
+
 
 def address(service) -> tuple[str, int]:
     parts = urllib.parse.urlsplit(service.url)
@@ -92,6 +94,9 @@ def test_explanations_beyond_the_rate_get_429(service) -> None:
     body = json.dumps({"image": base64.b64encode(b"not an image").decode(), "explain": True}).encode()
     # All 16 sent before any answer is read: nginx decides each on arrival, within a few ms, so none of the rate
     # (one every 3 s) refills between them however slowly the explanation model answers the admitted ones.
+    ledger = Ledger(service.run_dir / "tmp" / LEDGER_NAME)
+    with ledger.connect() as db:
+        admitted_before = {r for (r,) in db.execute("SELECT request_id FROM admitted")}
     sockets = [connect(service, "127.0.0.4") for _ in range(16)]
     for sock in sockets:
         sock.sendall(headers(len(body)) + body)
@@ -107,6 +112,9 @@ def test_explanations_beyond_the_rate_get_429(service) -> None:
             assert status in (400, 503)
     assert statuses.count(429) in (4, 5)  # 1 + a burst of 10 pass, the rest within the minute are refused
     assert 400 in statuses
+    # The batching pool admitted those the rate then refused: they were released, not left counting for 120 s.
+    with ledger.connect() as db:
+        assert {r for (r,) in db.execute("SELECT request_id FROM admitted")} <= admitted_before
 
 
 def test_a_body_sent_too_slowly_gets_408(service) -> None:
