@@ -26,7 +26,11 @@ def test_the_explanation_path_agrees_in_the_model_configs_and_nginx() -> None:
     for config in ("model-config.yaml", "model-config-gpu.yaml"):
         settings = yaml.safe_load((ROOT / "handler" / config).read_text())["handler"]
         assert settings["explanations_at"] == options.EXPLAIN_PATH
-    assert re.findall(r"rewrite \^ (\S+) break;", (ROOT / "proxy" / "nginx.conf").read_text()) == [options.EXPLAIN_PATH]
+    conf = (ROOT / "proxy" / "nginx.conf").read_text()
+    assert re.search(r"location @explain \{[^}]*rewrite \^ (\S+) break;", conf)[1] == options.EXPLAIN_PATH
+    # A rate-refused explanation is released on the batching pool that admitted it: /predict's own path.
+    batching_path = re.search(r"location = /predict \{.*?proxy_pass http://torchserve(\S+);", conf, re.S)[1]
+    assert re.search(r"location @explanation_rate_refused \{.*?rewrite \^ (\S+) break;", conf, re.S)[1] == batching_path
 
 
 def test_archive_sh_builds_every_model_and_version() -> None:
