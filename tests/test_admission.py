@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -11,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from skinlesion.admission import FIRST_GUESS_SECONDS, RECENT_DURATIONS, Ledger, explanation_kind
+from tests.conftest import ROOT
 
 
 @pytest.fixture
@@ -199,12 +202,9 @@ def test_an_explanation_the_rate_refuses_after_its_admission_stops_counting(pred
 
 
 def test_nginx_releases_a_rate_refused_explanation_with_the_body_the_handler_knows() -> None:
-    import json
-    import re
-
     from skinlesion.service import RATE_REFUSED_REQUEST
 
-    conf = (Path(__file__).resolve().parents[1] / "proxy" / "nginx.conf").read_text()
+    conf = (ROOT / "proxy" / "nginx.conf").read_text()
     location = re.search(r"location @explanation_rate_refused \{.*?proxy_set_body '([^']*)';", conf, re.S)
     assert json.loads(location[1]) == RATE_REFUSED_REQUEST
     assert re.search(r"location @explain \{[^}]*error_page 429 = @explanation_rate_refused;", conf)
