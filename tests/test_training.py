@@ -240,7 +240,7 @@ def test_training_writes_weights_the_predictor_serves(trained: Trained) -> None:
     assert sum(result["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
     assert all(0.0 <= p <= 1.0 for p in result["probabilities"].values())
     assert result["prediction"] == max(result["probabilities"], key=result["probabilities"].get)
-    # Training ends by calibrating its best checkpoint.
+    # Training ends by calibrating the checkpoint it saved.
     assert predictor.calibration is not None and predictor.card["test_images"] == 2 * len(CLASS_CODES)
     assert isinstance(result["in_domain"], bool) and isinstance(result["malignancy_alert"], bool)
 
@@ -281,9 +281,10 @@ def test_training_writes_report_and_figures_beside_the_weights(trained: Trained)
     assert saved["images"]["test"] == n_test
     assert sum(saved["images"].values()) == sum(IMAGES_PER_LESION) * len(CLASS_CODES) == 63
     assert [row["epoch"] for row in saved["history"]] == [1, 2]
-    assert set(saved["history"][0]) == {"epoch", "loss", "accuracy", "val_loss", "val_accuracy", "val_balanced_accuracy",
-                                        "val_macro_auc", "val_melanoma_auc"}
-    assert saved["saved_epoch"] == max(saved["history"], key=lambda r: r["val_balanced_accuracy"])
+    validation = {"val_loss", "val_accuracy", "val_balanced_accuracy", "val_macro_auc", "val_melanoma_auc"}
+    # By default the moving average is validated and saved, with the raw weights' figures beside it.
+    assert set(saved["history"][0]) == {"epoch", "loss", "accuracy", *validation, *(f"raw_{k}" for k in validation)}
+    assert saved["saved_epoch"] == saved["history"][-1]
     test = saved["test"]
     assert test["n_images"] == n_test and np.array(test["confusion_matrix"]).sum() == n_test
     assert [c["support"] for c in test["per_class"].values()] == [2] * len(CLASS_CODES)
@@ -324,7 +325,7 @@ def test_resume_continues_after_an_interruption(trained: Trained, tmp_path: Path
 
     def interrupted_in_epoch_two(*args, **kwargs):
         calls.append(1)
-        if len(calls) == 2:
+        if len(calls) == 3:  # each epoch validates the moving average, then the raw weights
             raise KeyboardInterrupt
         return evaluate(*args, **kwargs)
 
@@ -405,8 +406,9 @@ def test_recipe_levers_train_and_the_moving_average_is_what_is_saved(tmp_path: P
     assert not torch.allclose(saved["fc.weight"].float(), last["model"]["fc.weight"].float(), atol=1e-3)
 
 
-def test_select_final_saves_the_last_epoch_even_when_an_earlier_one_validated_better(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(("select", "saved_epoch"), [("best", 1), ("final", 2)])
+def test_select_saves_the_best_validated_or_the_last_epoch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                            select: str, saved_epoch: int) -> None:
     write_dataset(tmp_path / "ham", "download")
     validate, scores = training_main.evaluate, iter([0.9, 0.1])
 
@@ -414,12 +416,13 @@ def test_select_final_saves_the_last_epoch_even_when_an_earlier_one_validated_be
         return {**validate(*args, **kwargs), "val_balanced_accuracy": next(scores)}
 
     monkeypatch.setattr(training_main, "evaluate", worse_every_epoch)
-    report = train(fast_args(tmp_path / "ham", tmp_path, "--epochs", "2", "--select", "final"))
+    report = train(fast_args(tmp_path / "ham", tmp_path, "--epochs", "2", "--select", select, "--ema", "0"))
     assert [r["val_balanced_accuracy"] for r in report["history"]] == [0.9, 0.1]
-    assert report["saved_epoch"]["epoch"] == 2 and report["arguments"]["select"] == "final"
+    assert report["saved_epoch"]["epoch"] == saved_epoch and report["arguments"]["select"] == select
     last = torch.load(tmp_path / "runs" / "resnet18" / "last.pt", weights_only=False)["model"]
     saved = torch.load(tmp_path / "out" / "resnet18.pt", weights_only=True)["state_dict"]
-    assert all(torch.equal(saved[k], last[k].half() if last[k].is_floating_point() else last[k]) for k in saved)
+    same = all(torch.equal(saved[k], last[k].half() if last[k].is_floating_point() else last[k]) for k in saved)
+    assert same == (select == "final")  # last.pt holds epoch 2
 
 
 def test_mixup_and_cutmix_each_alone_or_one_of_the_two_per_batch() -> None:

@@ -1,10 +1,10 @@
 """Train a ResNet on HAM10000, in the shape of torchvision's references/classification/train.py.
 
-    python -m training ROOT [--type resnet34] [--epochs 15] [--model-name model_store/<type>.pt] [--fine-tune] ...
+    python -m training ROOT [--type resnet34] [--epochs 70] [--model-name model_store/<type>.pt] [--fine-tune] ...
 
-The best epoch (by validation balanced accuracy) or, with --select final, the last one is saved, calibrated
-(training.calibrate) and scored once on the test split; beside it go <name>.json, <name>_confusion.png and
-<name>_curves.png.
+The final epoch's weights (by default their moving average) or, with --select best, the epoch with the best
+validation balanced accuracy is saved, calibrated (training.calibrate) and scored once on the test split; beside
+it go <name>.json, <name>_confusion.png and <name>_curves.png.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from training.plots import plot_confusion, plot_curves
 # Share of the one-cycle schedule spent warming the learning rate up.
 WARMUP_FRACTION = 0.15
 LABEL_SMOOTHING = 0.05
+EMA_DECAY = 0.995
 VALIDATION_BATCH = 128
 # Knowledge distillation (Hinton et al. 2015): half the loss from the teachers, at a temperature that keeps
 # their ranking of the runner-up classes visible.
@@ -51,7 +52,7 @@ DISTILL_TEMPERATURE = 2.0
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m training", description="Train a ResNet on HAM10000.")
     p.add_argument("root", type=Path, help="HAM10000 folder: metadata CSV plus images (train/test folders optional)")
-    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--epochs", type=int, default=70)
     p.add_argument("--model-name", "--modelname", dest="modelname", type=Path, default=None,
                    help="output weights (default model_store/<type>.pt)")
     p.add_argument("--fine-tune", "--fine_tune", dest="fine_tune", action="store_true", help="train only the last layer")
@@ -78,15 +79,15 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="weighted: cross-entropy with 1/sqrt(frequency) class weights; logit-adjusted: unweighted "
                    "cross-entropy on logits + log(class prior) (Menon et al. 2021)")
     p.add_argument("--label-smoothing", type=float, default=LABEL_SMOOTHING)
-    p.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
-                   help="validate and save an exponential moving average of the weights (e.g. 0.999); 0: off")
+    p.add_argument("--ema", type=float, default=EMA_DECAY, metavar="DECAY",
+                   help="validate and save an exponential moving average of the weights; 0: off")
     p.add_argument("--mixup", type=float, default=0.0, metavar="ALPHA", help="mixup of training batches; 0: off")
     p.add_argument("--cutmix", type=float, default=0.0, metavar="ALPHA",
                    help="CutMix of training batches; 0: off (with --mixup too, each batch gets one of the two)")
     p.add_argument("--colour-constancy", type=float, default=0.0, metavar="POWER",
                    help="Shades of Gray colour constancy of this power in the preprocessing (6 as in ISIC 2019's "
                    "winner), stored in the checkpoint so serving applies it too; 0: off")
-    p.add_argument("--select", choices=("best", "final"), default="best",
+    p.add_argument("--select", choices=("best", "final"), default="final",
                    help="the epoch whose weights are saved: best by validation balanced accuracy, or the final one, "
                    "which leaves the validation split out of the choice so that calibration fitted on it is unbiased")
     p.add_argument("--teacher", nargs="+", default=[], metavar="CHECKPOINT",

@@ -26,11 +26,12 @@ from skinlesion.model import build_model
 from training.__main__ import evaluate, load_images
 from training.data import split_dataset
 
-# Lever name -> the training flags that turn it on. The current recipe's runs also track an EMA of the weights
-# (which changes nothing in training), so the "ema" row costs no run of its own; "tta-*" rows re-evaluate the
+# Lever name -> the training flags that turn it on. Every run tracks an EMA of the weights (the default, which
+# changes nothing in training) and logs the raw weights' figures beside it: the rows compare the raw weights,
+# and the "ema" row, which costs no run of its own, the current recipe's average; "tta-*" rows re-evaluate the
 # current recipe's final weights over more views.
 LEVERS: dict[str, list[str]] = {
-    "current": ["--ema", "0.995"],
+    "current": [],
     "rotation-180": ["--rotation", "180"],
     "logit-adjusted": ["--loss", "logit-adjusted"],
     "shades-of-gray": ["--colour-constancy", "6"],
