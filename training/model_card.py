@@ -65,7 +65,8 @@ def render(reports: dict[str, dict]) -> str:
         "## Data and licence",
         f"- HAM10000 ({CITATION}). Licence CC BY-NC 4.0: non-commercial use only, with this citation.",
         f"- {sum(images.values()):,} of its 10,015 images at 200x150, split by lesion: {images['train']:,} training, "
-        f"{images['validation']:,} validation (calibration, and the epoch where it is chosen), {images['test']:,} test.",
+        f"{images['validation']:,} validation (calibration; the epoch too, for a model saved at its best epoch), "
+        f"{images['test']:,} test.",
         "- Classes: " + "; ".join(f"`{c.code}` {c.name}" for c in CLASSES) + ".",
         "",
         "## Training recipe",
@@ -203,8 +204,8 @@ def render(reports: dict[str, dict]) -> str:
         f"  is {ece} (the target is 0.03), where even perfectly calibrated probabilities would measure up to {floor:.3f}",
         "  (95th percentile). Accuracy at the mean stated confidence:",
         *(f"  {line}{';' if i < len(shift) - 1 else '.'}" for i, line in enumerate(shift)),
-        *(["  The validation lesions, which also chose the weights, are easier for the models than the test ones, and a",
-           "  temperature fitted on them cannot see that."]
+        *(["  The validation lesions are easier for the models than the test ones, whether or not they also chose the",
+           "  saved epoch, and a temperature fitted on them cannot see that."]
           if all(calibration[a]["validation_out_of_fold"]["accuracy"] > reports[a]["test"]["accuracy"] for a in archs)
           else []),
         *(["- **Probabilities lean towards the rarer classes**: on the test split P(malignant) averages "
