@@ -54,7 +54,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("root", type=Path, help="HAM10000 folder: metadata CSV plus images (train/test folders optional)")
     p.add_argument("--epochs", type=int, default=70)
     p.add_argument("--model-name", "--modelname", dest="modelname", type=Path, default=None,
-                   help="output weights (default model_store/<type>.pt)")
+                   help="output weights (default model_store/<type>.pt; with --validation-only runs/<type>.pt)")
     p.add_argument("--fine-tune", "--fine_tune", dest="fine_tune", action="store_true", help="train only the last layer")
     p.add_argument("--type", choices=sorted(ARCHITECTURES), default="resnet34")
     p.add_argument("--weights", default="none", help="initial weights: imagenet, none, or a checkpoint PATH")
@@ -106,7 +106,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = get_args_parser().parse_args(argv)
-    args.modelname = args.modelname or Path("model_store") / f"{args.type}.pt"
+    # An uncalibrated validation-only run must not replace the shipped weights.
+    args.modelname = args.modelname or Path("runs" if args.validation_only else "model_store") / f"{args.type}.pt"
     args.image_size = tuple(args.image_size)
     if args.split_seed is None:
         args.split_seed = args.seed
