@@ -204,8 +204,8 @@ def render(reports: dict[str, dict]) -> str:
         f"  is {ece} (the target is 0.03), where even perfectly calibrated probabilities would measure up to {floor:.3f}",
         "  (95th percentile). Accuracy at the mean stated confidence:",
         *(f"  {line}{';' if i < len(shift) - 1 else '.'}" for i, line in enumerate(shift)),
-        *(["  The validation lesions are easier for the models than the test ones, whether or not they also chose the",
-           "  saved epoch, and a temperature fitted on them cannot see that."]
+        *(["  The validation lesions are easier for the models than the test ones, and a temperature fitted on them",
+           "  cannot see that."]
           if all(calibration[a]["validation_out_of_fold"]["accuracy"] > reports[a]["test"]["accuracy"] for a in archs)
           else []),
         *(["- **Probabilities lean towards the rarer classes**: on the test split P(malignant) averages "
