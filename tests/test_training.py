@@ -384,9 +384,10 @@ def test_flags_are_hyphenated_and_the_original_spellings_still_work() -> None:
         assert args.modelname == Path("m.pt") and args.fine_tune is True
 
 
-def test_a_validation_only_run_does_not_write_over_the_shipped_weights() -> None:
+def test_a_run_without_its_own_test_figures_does_not_write_over_the_shipped_weights() -> None:
     assert parse_args(["root", "--type", "resnet18"]).modelname == Path("model_store/resnet18.pt")
-    assert parse_args(["root", "--type", "resnet18", "--validation-only"]).modelname == Path("runs/resnet18.pt")
+    for flag in ("--validation-only", "--train-on-test"):
+        assert parse_args(["root", "--type", "resnet18", flag]).modelname == Path("runs/resnet18.pt")
 
 
 def test_bfloat16_autocast_defaults_to_where_the_device_computes_it_natively(monkeypatch: pytest.MonkeyPatch) -> None:

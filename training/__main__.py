@@ -54,7 +54,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("root", type=Path, help="HAM10000 folder: metadata CSV plus images (train/test folders optional)")
     p.add_argument("--epochs", type=int, default=70)
     p.add_argument("--model-name", "--modelname", dest="modelname", type=Path, default=None,
-                   help="output weights (default model_store/<type>.pt; with --validation-only runs/<type>.pt)")
+                   help="output weights (default model_store/<type>.pt; runs/<type>.pt with --validation-only, --train-on-test)")
     p.add_argument("--fine-tune", "--fine_tune", dest="fine_tune", action="store_true", help="train only the last layer")
     p.add_argument("--type", choices=sorted(ARCHITECTURES), default="resnet34")
     p.add_argument("--weights", default="none", help="initial weights: imagenet, none, or a checkpoint PATH")
@@ -101,13 +101,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--validation-only", action="store_true",
                    help="for recipe comparisons (training.ablation): skip calibration and the test split; the report "
                    "holds the validation history only")
+    p.add_argument("--train-on-test", action="store_true",
+                   help="once a recipe is fixed: train on the test split too (the validation split stays out); the "
+                   "test split is not scored, and training.calibrate --held-out REPORT carries the test figures of the "
+                   "same recipe's run that held it out")
     return p
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = get_args_parser().parse_args(argv)
-    # An uncalibrated validation-only run must not replace the shipped weights.
-    args.modelname = args.modelname or Path("runs" if args.validation_only else "model_store") / f"{args.type}.pt"
+    # Weights without their own calibration and test figures must not replace the shipped ones.
+    unscored = args.validation_only or args.train_on_test
+    args.modelname = args.modelname or Path("runs" if unscored else "model_store") / f"{args.type}.pt"
     args.image_size = tuple(args.image_size)
     if args.split_seed is None:
         args.split_seed = args.seed
@@ -286,7 +291,7 @@ def train(args: argparse.Namespace) -> dict:
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
-    train_set, val_set, test_set = split_dataset(args.root, args.split_seed)
+    train_set, val_set, test_set = split_dataset(args.root, args.split_seed, train_on_test=args.train_on_test)
     print(f"images: {len(train_set)} train, {len(val_set)} validation, {len(test_set)} test", flush=True)
 
     model = build_training_model(args)
@@ -362,7 +367,8 @@ def train(args: argparse.Namespace) -> dict:
 def write_report(args: argparse.Namespace, state: dict, train_set: list[Sample], val_set: list[Sample],
                  test_set: list[Sample]) -> dict:
     """Calibrate the saved epoch's weights, score the test split once with calibrated probabilities (exactly as
-    served), and write the report and figures beside the weights (with --validation-only: the history alone)."""
+    served), and write the report and figures beside the weights (with --validation-only or --train-on-test: the
+    history alone)."""
     report = {
         "model": args.type,
         "weights": str(args.modelname),
@@ -373,7 +379,7 @@ def write_report(args: argparse.Namespace, state: dict, train_set: list[Sample],
         "history": state["history"],
     }
     stem = args.modelname.with_suffix("")
-    if args.validation_only:
+    if args.validation_only or args.train_on_test:
         Path(f"{stem}.json").write_text(to_json(report))
         return report
     calibrated = calibrate_checkpoint(args.modelname, train_set, val_set, test_set)

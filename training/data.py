@@ -70,9 +70,11 @@ def grouped_split(samples: list[Sample], fraction: float, seed: int) -> tuple[li
 
 
 def split_dataset(
-    root: str | Path, seed: int, val_fraction: float = 0.15, test_fraction: float = 0.2
+    root: str | Path, seed: int, val_fraction: float = 0.15, test_fraction: float = 0.2, train_on_test: bool = False
 ) -> tuple[list[Sample], list[Sample], list[Sample]]:
-    """(train, validation, test). The test side is the `HAM10000_images_test` folder when present."""
+    """(train, validation, test). The test side is the `HAM10000_images_test` folder when present. With
+    `train_on_test` the test side joins the training side and the test list is empty; the validation split is
+    the same either way."""
     samples = read_samples(root)
     test_root = Path(root) / TEST_FOLDER
     if test_root.is_dir():
@@ -84,4 +86,4 @@ def split_dataset(
     else:
         train, test = grouped_split(samples, test_fraction, seed)
     train, val = grouped_split(train, val_fraction, seed)
-    return train, val, test
+    return (train + test, val, []) if train_on_test else (train, val, test)
