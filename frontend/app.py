@@ -54,7 +54,11 @@ def show_model_card(card: dict) -> None:
     if not metrics:
         st.caption(f"No measured metrics from the server ({card.get('error', 'the model is not calibrated')}).")
         return
-    st.caption(f"{card['architecture']} on {metrics['test_images']:,} test images of lesions it never saw:")
+    if metrics.get("from_held_out_run"):
+        st.caption(f"{card['architecture']}'s recipe on {metrics['test_images']:,} test images, trained without them "
+                   "(the served weights were trained on them too):")
+    else:
+        st.caption(f"{card['architecture']} on {metrics['test_images']:,} test images of lesions it never saw:")
     st.markdown(
         f"- accuracy **{metrics['accuracy']:.0%}**, balanced accuracy **{metrics['balanced_accuracy']:.0%}**\n"
         f"- melanomas found **{metrics['melanoma_sensitivity']:.0%}** (melanoma AUC {metrics['melanoma_auc']:.2f})\n"

@@ -41,6 +41,7 @@ from training.evaluate import (
 )
 from training.evaluate import main as evaluate_main
 from training.model_card import main as model_card_main
+from training.model_card import render
 
 COLUMNS = ("lesion_id", "image_id", "dx", "dx_type", "age", "sex", "localization")
 IMAGES_PER_LESION = (2, 1, 3, 1, 2)  # five lesions per class, 9 images per class, 63 in all
@@ -145,6 +146,8 @@ def test_split_never_puts_a_lesion_on_two_sides(tmp_path: Path, layout: str) -> 
     if layout == "original":  # the test side is exactly the test folder
         assert {s.image_id for s in test_set} == {p.stem for p in (tmp_path / TEST_FOLDER).iterdir()}
     assert split_dataset(tmp_path, seed=0) == (train_set, val_set, test_set)  # reproducible
+    # Training on the test split too leaves the validation split as it was.
+    assert split_dataset(tmp_path, seed=0, train_on_test=True) == (train_set + test_set, val_set, [])
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -263,6 +266,43 @@ def test_calibrate_cli_refits_a_checkpoint_and_updates_its_report(trained: Train
     assert set(saved["calibration"]["validation_out_of_fold_alternatives"]) == {"temperature and class bias"}
     assert "out of fold" in printed and "perfectly calibrated" in printed and "temperature (shipped)" in printed
     assert calibrate_main([str(trained.root), "--type", "resnet18", "--weights", str(tmp_path / "absent.pt")]) == 2
+
+
+def test_weights_trained_on_the_test_split_carry_the_test_figures_of_the_run_that_held_it_out(
+        trained: Trained, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = fast_args(trained.root, tmp_path, "--train-on-test")
+    report = train(args)
+    n_test = len(list((trained.root / TEST_FOLDER).iterdir()))
+    assert report["images"]["test"] == 0
+    assert report["images"]["train"] == trained.report["images"]["train"] + n_test
+    assert report["images"]["validation"] == trained.report["images"]["validation"]
+    assert "test" not in report and "calibration" not in report  # nothing scored on images it trained on
+
+    held_out = trained.weights.with_suffix(".json")
+    weights = ["--type", "resnet18", "--weights", str(args.modelname)]
+    assert calibrate_main([str(trained.root), *weights, "--held-out", str(held_out)]) == 0
+    printed = capsys.readouterr().out
+    assert "test ECE" not in printed and "no test figures" in printed
+    saved = json.loads(args.modelname.with_suffix(".json").read_text())
+    held_out_report = json.loads(held_out.read_text())
+    assert "test" not in saved and saved["held_out_run"]["test"] == held_out_report["test"]
+    assert saved["held_out_run"]["calibration"] == held_out_report["calibration"]
+    predictor = Predictor.from_checkpoint(args.modelname)
+    assert predictor.calibration.temperature == pytest.approx(saved["calibration"]["temperature"])
+    assert predictor.card["from_held_out_run"] is True
+    assert predictor.card["accuracy"] == pytest.approx(held_out_report["test"]["accuracy"])
+    assert predictor.model_card()["test_metrics"]["from_held_out_run"] is True
+
+    # A later refit finds the held-out run in the weights' own report.
+    assert calibrate_main([str(trained.root), *weights]) == 0
+    assert json.loads(args.modelname.with_suffix(".json").read_text())["held_out_run"] == saved["held_out_run"]
+    card = render({"resnet18": json.loads(args.modelname.with_suffix(".json").read_text())})
+    assert "Trained on the test split too: resnet18" in card
+    assert f"| accuracy | {held_out_report['test']['accuracy']:.3f} |" in card
+
+    # The held-out run must have test figures of its own.
+    assert calibrate_main([str(trained.root), *weights, "--held-out", str(args.modelname.with_suffix(".json"))]) == 2
+    assert "has no test figures" in capsys.readouterr().err
 
 
 def test_model_card_cli_needs_calibrated_reports(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -2,14 +2,16 @@
 checkpoint, and report it on the test split. Rerun whenever the weights change (training runs it too).
 
     python -m training.calibrate ROOT --type resnet34 [--weights model_store/resnet34.pt] [--json model_store/resnet34.json]
-        [--views flips] [--bfloat16]
+        [--views flips] [--bfloat16] [--held-out REPORT]
 
 Fitted on the training split (class Gaussians) and the validation split (temperature, thresholds); the
 out-of-domain score is chosen on validation lesions against one draw of the out-of-domain set
 (training/ood.py, seed 0, damaged validation lesions) and reported on test lesions against another
 (seed 1, damaged test lesions). Everything is fitted for one way of running the network, which the
 checkpoint then serves with: test-time views and a bfloat16 trunk (defaults chosen on validation,
-docs/training.md).
+docs/training.md). Weights trained on the test split too (python -m training --train-on-test) are fitted the
+same way on the validation split, but carry the test figures of the same recipe's run that held the test split out
+(--held-out REPORT), marked so.
 """
 
 from __future__ import annotations
@@ -125,20 +127,25 @@ def nll(probabilities: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 def calibrate_checkpoint(weights: Path, train: list[Sample], val: list[Sample], test: list[Sample],
-                         views: str = INFERENCE_VIEWS, bfloat16: bool = INFERENCE_BFLOAT16) -> dict:
+                         views: str = INFERENCE_VIEWS, bfloat16: bool = INFERENCE_BFLOAT16,
+                         held_out_run: dict | None = None) -> dict:
     """Fit the calibration of `weights` for running it with these test-time views and trunk precision, store it
     (and the card's metrics) in the checkpoint; returns the report: {"calibration": what was fitted and how it
-    does, "test": compute_metrics with calibrated probabilities}."""
+    does, "test": compute_metrics with calibrated probabilities}.
+
+    For weights trained on the test split too (`test` empty), `held_out_run` is the calibrated report of the same
+    recipe's run that held the test split out: the report then carries it under "held_out_run", in place of test
+    figures these weights cannot have, and so does the checkpoint's card (marked so)."""
+    if bool(test) == (held_out_run is not None):
+        raise ValueError("give a test split to score, or the report of a run that held it out, not both")
     predictor = Predictor.from_checkpoint(weights)  # its outputs are raw, whatever an earlier fit stored
 
     def outputs(images: list[Image.Image]) -> Outputs:
         # As this machine will serve it: a bfloat16 trunk only where the hardware has one.
         return image_outputs(predictor, images, views=views, bfloat16=bfloat16 and native_bfloat16(predictor.device.type))
 
-    val_images, test_images = decode_samples(val), decode_samples(test)
-    splits = {"train": fit_data(outputs(decode_samples(train)), train),
-              "val": fit_data(outputs(val_images), val),
-              "test": fit_data(outputs(test_images), test)}
+    val_images = decode_samples(val)
+    splits = {"train": fit_data(outputs(decode_samples(train)), train), "val": fit_data(outputs(val_images), val)}
     calibration = dataclasses.replace(fit_calibration(splits["train"], splits["val"]), views=views, bfloat16=bfloat16)
     val_lesions = [s.lesion_id for s in val]
     out_of_fold = {name: out_of_fold_calibration(splits["val"].logits, splits["val"].labels, val_lesions, fit=fit)
@@ -151,64 +158,85 @@ def calibrate_checkpoint(weights: Path, train: list[Sample], val: list[Sample], 
     candidates = score_candidates(splits["train"], splits["val"], outputs([im for _, im in selection_set]))
     comparison = {name: {"auroc": auroc(v, o), "flagged": flagged_share(o, threshold_for(v))}
                   for name, (v, o) in candidates.items()}
-
-    rng = np.random.default_rng(REPORT_SEED)
-    chosen = [test_images[i] for i in rng.choice(len(test_images), min(DAMAGED_LESIONS, len(test_images)), replace=False)]
-    report_set = out_of_domain_set(chosen, REPORT_SEED)
-    ood = outputs([im for _, im in report_set])
-    kinds = np.array([kind for kind, _ in report_set])
-    test_scores = calibration.domain_score(splits["test"].statistics, splits["test"].features)
-    ood_scores = calibration.domain_score(ood.statistics, ood.features)
     val_scores = calibration.domain_score(splits["val"].statistics, splits["val"].features)
-
-    test_data = splits["test"]
-    before = test_data.logits.softmax(1)
-    after = (test_data.logits / calibration.temperature).softmax(1)
-    metrics_before = compute_metrics(test_data.labels.numpy(), before.numpy())
-    metrics = compute_metrics(test_data.labels.numpy(), after.numpy())
     val_probabilities = (splits["val"].logits / calibration.temperature).softmax(1)
     report = {
         "views": views,
         "bfloat16": bfloat16,
         "temperature": calibration.temperature,
-        "test_before": {"nll": nll(before, test_data.labels), "ece": metrics_before["expected_calibration_error"]},
-        "test_after": {"nll": nll(after, test_data.labels), "ece": metrics["expected_calibration_error"],
-                       "ece_if_calibrated": metrics["expected_calibration_error_if_calibrated"],
-                       "mean_confidence": float(after.max(1).values.mean())},
         "validation_out_of_fold": out_of_fold.pop(shipped_calibrator),
         "validation_out_of_fold_alternatives": out_of_fold,
         "malignancy": {
             "threshold": calibration.malignancy_threshold,
             "validation_sensitivity": alert_rates(val_probabilities, splits["val"].labels, calibration)[0],
-            **dict(zip(("test_sensitivity", "test_specificity"), alert_rates(after, test_data.labels, calibration),
-                       strict=True)),
-            "test_auc": metrics["malignant_auc"],
         },
         "out_of_domain": {
             "threshold": calibration.domain_threshold,
             "validation_lesions_flagged": flagged_share(val_scores, calibration.domain_threshold),
-            "test_lesions_flagged": flagged_share(test_scores, calibration.domain_threshold),
-            "report_set": {
-                "images": len(report_set),
-                "auroc": auroc(test_scores, ood_scores),
-                "flagged": flagged_share(ood_scores, calibration.domain_threshold),
-                "flagged_by_kind": {kind: flagged_share(ood_scores[torch.from_numpy(kinds == kind)], calibration.domain_threshold)
-                                    for kind in sorted(set(kinds))},
-            },
             "selection_set": {"images": len(selection_set), "candidates": comparison},
         },
     }
-    card = {
+    if held_out_run is None:
+        metrics = score_test_split(outputs, test, calibration, report)
+        result, tested = {"calibration": report, "test": metrics}, {"calibration": report, "test": metrics}
+    else:
+        tested = {key: held_out_run[key] for key in ("weights", "arguments", "images", "saved_epoch", "test", "calibration")}
+        result = {"calibration": report, "held_out_run": tested}
+    card = {**card_metrics(tested), **({"from_held_out_run": True} if held_out_run is not None else {})}
+    add_to_checkpoint(weights, calibration=calibration.to_state(), card=json.loads(to_json(card)))
+    return result
+
+
+def score_test_split(outputs: Callable[[list[Image.Image]], Outputs], test: list[Sample], calibration: Calibration,
+                     report: dict) -> dict:
+    """Calibrated test metrics; the test figures of the calibration (before and after, the alert, the
+    out-of-domain check against the seed-1 set of damaged test lesions) are added to `report`."""
+    test_images = decode_samples(test)
+    test_data = fit_data(outputs(test_images), test)
+    rng = np.random.default_rng(REPORT_SEED)
+    chosen = [test_images[i] for i in rng.choice(len(test_images), min(DAMAGED_LESIONS, len(test_images)), replace=False)]
+    report_set = out_of_domain_set(chosen, REPORT_SEED)
+    ood = outputs([im for _, im in report_set])
+    kinds = np.array([kind for kind, _ in report_set])
+    test_scores = calibration.domain_score(test_data.statistics, test_data.features)
+    ood_scores = calibration.domain_score(ood.statistics, ood.features)
+
+    before = test_data.logits.softmax(1)
+    after = (test_data.logits / calibration.temperature).softmax(1)
+    metrics_before = compute_metrics(test_data.labels.numpy(), before.numpy())
+    metrics = compute_metrics(test_data.labels.numpy(), after.numpy())
+    report["test_before"] = {"nll": nll(before, test_data.labels), "ece": metrics_before["expected_calibration_error"]}
+    report["test_after"] = {"nll": nll(after, test_data.labels), "ece": metrics["expected_calibration_error"],
+                            "ece_if_calibrated": metrics["expected_calibration_error_if_calibrated"],
+                            "mean_confidence": float(after.max(1).values.mean())}
+    report["malignancy"].update(zip(("test_sensitivity", "test_specificity"),
+                                    alert_rates(after, test_data.labels, calibration), strict=True))
+    report["malignancy"]["test_auc"] = metrics["malignant_auc"]
+    report["out_of_domain"].update({
+        "test_lesions_flagged": flagged_share(test_scores, calibration.domain_threshold),
+        "report_set": {
+            "images": len(report_set),
+            "auroc": auroc(test_scores, ood_scores),
+            "flagged": flagged_share(ood_scores, calibration.domain_threshold),
+            "flagged_by_kind": {kind: flagged_share(ood_scores[torch.from_numpy(kinds == kind)], calibration.domain_threshold)
+                                for kind in sorted(set(kinds))},
+        },
+    })
+    return metrics
+
+
+def card_metrics(tested: dict) -> dict:
+    """The test figures GET /model quotes, from a report's "test" and "calibration"."""
+    metrics, calibration = tested["test"], tested["calibration"]
+    return {
         "test_images": metrics["n_images"],
         **{key: metrics[key] for key in ("accuracy", "balanced_accuracy", "macro_auc", "melanoma_auc",
                                          "melanoma_sensitivity", "melanoma_specificity", "expected_calibration_error")},
-        "malignancy_sensitivity": report["malignancy"]["test_sensitivity"],
-        "malignancy_specificity": report["malignancy"]["test_specificity"],
-        "out_of_domain_auroc": report["out_of_domain"]["report_set"]["auroc"],
-        "test_lesions_flagged_out_of_domain": report["out_of_domain"]["test_lesions_flagged"],
+        "malignancy_sensitivity": calibration["malignancy"]["test_sensitivity"],
+        "malignancy_specificity": calibration["malignancy"]["test_specificity"],
+        "out_of_domain_auroc": calibration["out_of_domain"]["report_set"]["auroc"],
+        "test_lesions_flagged_out_of_domain": calibration["out_of_domain"]["test_lesions_flagged"],
     }
-    add_to_checkpoint(weights, calibration=calibration.to_state(), card=json.loads(to_json(card)))
-    return {"calibration": report, "test": metrics}
 
 
 def temperature_scaling(logits: torch.Tensor, labels: torch.Tensor) -> Calibrator:
@@ -290,13 +318,16 @@ def floor_text(floor: dict[str, float]) -> str:
 
 
 def format_calibration(report: dict) -> str:
+    """The calibration report as text; its test lines only where it has test figures (not for weights trained
+    on the test split)."""
     ood = report["out_of_domain"]
+    tested = "test_after" in report
     lines = [
         f"fitted for             test-time views {report['views']}, {'bfloat16' if report['bfloat16'] else 'float32'} trunk",
         f"temperature            {report['temperature']:.3f}",
-        f"test NLL               {report['test_before']['nll']:.4f} -> {report['test_after']['nll']:.4f}",
-        f"test ECE (15 bins)     {report['test_before']['ece']:.4f} -> {report['test_after']['ece']:.4f} "
-        f"(perfectly calibrated: {floor_text(report['test_after']['ece_if_calibrated'])})",
+        *([f"test NLL               {report['test_before']['nll']:.4f} -> {report['test_after']['nll']:.4f}",
+           f"test ECE (15 bins)     {report['test_before']['ece']:.4f} -> {report['test_after']['ece']:.4f} "
+           f"(perfectly calibrated: {floor_text(report['test_after']['ece_if_calibrated'])})"] if tested else []),
         f"validation ECE, out of fold ({report['validation_out_of_fold']['folds']} lesion groups) "
         f"{report['validation_out_of_fold']['ece']:.4f} (perfectly calibrated: "
         f"{floor_text(report['validation_out_of_fold']['ece_if_calibrated'])})",
@@ -307,16 +338,18 @@ def format_calibration(report: dict) -> str:
           for name, m in calibrators_scored(report).items()),
         f"malignancy threshold   {report['malignancy']['threshold']:.4f} (validation sensitivity "
         f"{report['malignancy']['validation_sensitivity']:.3f})",
-        f"malignancy, test       sensitivity {report['malignancy']['test_sensitivity']:.3f}, specificity "
-        f"{report['malignancy']['test_specificity']:.3f}, AUC {report['malignancy']['test_auc']:.4f}",
-        f"out-of-domain threshold {ood['threshold']:.3f}: validation lesions flagged {ood['validation_lesions_flagged']:.3f}, "
-        f"test lesions flagged {ood['test_lesions_flagged']:.3f}",
-        f"out-of-domain set ({ood['report_set']['images']} images, seed {REPORT_SEED}): AUROC {ood['report_set']['auroc']:.4f}, "
-        f"flagged {ood['report_set']['flagged']:.3f}",
-        *(f"  {kind:<22} flagged {share:.3f}" for kind, share in ood["report_set"]["flagged_by_kind"].items()),
+        *([f"malignancy, test       sensitivity {report['malignancy']['test_sensitivity']:.3f}, specificity "
+           f"{report['malignancy']['test_specificity']:.3f}, AUC {report['malignancy']['test_auc']:.4f}"] if tested else []),
+        f"out-of-domain threshold {ood['threshold']:.3f}: validation lesions flagged {ood['validation_lesions_flagged']:.3f}"
+        + (f", test lesions flagged {ood['test_lesions_flagged']:.3f}" if tested else ""),
+        *([f"out-of-domain set ({ood['report_set']['images']} images, seed {REPORT_SEED}): AUROC "
+           f"{ood['report_set']['auroc']:.4f}, flagged {ood['report_set']['flagged']:.3f}",
+           *(f"  {kind:<22} flagged {share:.3f}" for kind, share in ood["report_set"]["flagged_by_kind"].items())]
+          if tested else []),
         f"candidate scores (validation lesions vs the seed-{SELECTION_SEED} set, {ood['selection_set']['images']} images):",
         *(f"  {name:<42} AUROC {m['auroc']:.4f}  flagged {m['flagged']:.3f}"
           for name, m in ood["selection_set"]["candidates"].items()),
+        *([] if tested else ["no test figures: these weights were trained on the test split too"]),
     ]
     return "\n".join(lines)
 
@@ -334,18 +367,28 @@ def main(argv: list[str] | None = None) -> int:
                         help="test-time views the checkpoint is served with (none: 1, flips: 4, dihedral: 8)")
     parser.add_argument("--bfloat16", action=argparse.BooleanOptionalAction, default=INFERENCE_BFLOAT16,
                         help="serve with a bfloat16 trunk where the hardware has it")
+    parser.add_argument("--held-out", type=Path, default=None, metavar="REPORT",
+                        help="for weights trained with --train-on-test: the calibrated report of the same recipe's run "
+                        "that held the test split out, whose test figures the report and card carry (default: the one "
+                        "already in the weights' report)")
     args = parser.parse_args(argv)
     weights = args.weights or Path("model_store") / f"{args.type}.pt"
     report_path = args.json or weights.with_suffix(".json")
     try:
-        train, val, test = split_dataset(args.root, args.seed)
-        result = calibrate_checkpoint(weights, train, val, test, args.views, args.bfloat16)
+        report = json.loads(report_path.read_text()) if report_path.exists() else {}
+        held_out_run = json.loads(args.held_out.read_text()) if args.held_out else report.get("held_out_run")
+        if held_out_run is not None and "test" not in held_out_run:
+            raise ValueError(f"{args.held_out} has no test figures: give the calibrated report of a run that held "
+                             "the test split out")
+        train, val, test = split_dataset(args.root, args.seed, train_on_test=held_out_run is not None)
+        result = calibrate_checkpoint(weights, train, val, test, args.views, args.bfloat16, held_out_run)
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(format_calibration(result["calibration"]))
     if args.json or report_path.exists():
-        report = json.loads(report_path.read_text()) if report_path.exists() else {}
+        if "held_out_run" in result:
+            report.pop("test", None)
         report.update(result)
         report_path.write_text(to_json(report))
         print(f"wrote {report_path}")
