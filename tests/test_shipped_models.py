@@ -16,7 +16,7 @@ from tests.conftest import HAM10000, ROOT
 from training.calibrate import calibrators_scored, image_outputs
 from training.data import split_dataset
 from training.evaluate import compute_metrics, predict_samples
-from training.model_card import malignant_share, mean_malignant_probability, read_reports, render, tested
+from training.model_card import malignant_share, mean_malignant_probability, read_reports, render, scored_report
 from training.ood import out_of_domain_set
 
 
@@ -51,7 +51,7 @@ def test_shipped_weights_carry_the_calibration_of_their_report(arch: str) -> Non
     assert predictor.calibration.domain_threshold == pytest.approx(report["calibration"]["out_of_domain"]["threshold"])
     assert predictor.calibration.malignancy_threshold == pytest.approx(report["calibration"]["malignancy"]["threshold"])
     for key in ("accuracy", "balanced_accuracy", "macro_auc", "melanoma_auc", "expected_calibration_error"):
-        assert predictor.card[key] == pytest.approx(tested(report)["test"][key])
+        assert predictor.card[key] == pytest.approx(scored_report(report)["test"][key])
     assert predictor.card.get("from_held_out_run", False) == ("held_out_run" in report)
 
 
@@ -102,8 +102,8 @@ def labelled_row(text: str, label: str) -> list[str]:
 def calibration_figures(report: dict) -> dict[str, str]:
     """What docs/training.md's calibration results table quotes of one model's report, by row: test figures from
     the run that held the test split out (model_card.tested), fitted values and validation figures its own."""
-    calibration, test = report["calibration"], tested(report)["test"]
-    tested_calibration = tested(report)["calibration"]
+    calibration, test = report["calibration"], scored_report(report)["test"]
+    tested_calibration = scored_report(report)["calibration"]
     before, after, ood = tested_calibration["test_before"], tested_calibration["test_after"], tested_calibration["out_of_domain"]
     malignancy = tested_calibration["malignancy"]
     return {
@@ -142,7 +142,7 @@ def test_metric_tables_quote_the_shipped_reports(page: str) -> None:
     for arch, report in read_reports(ROOT / "model_store").items():
         [row] = [line for line in text.splitlines() if line.startswith(f"| {arch} | 0.")]
         quoted = [cell.strip() for cell in row.split("|")[2:-1]]
-        test, figures = tested(report)["test"], calibration_figures(report)
+        test, figures = scored_report(report)["test"], calibration_figures(report)
         keys = ("accuracy", "balanced_accuracy", "macro_auc", "melanoma_auc", "melanoma_sensitivity")
         expected = [*(figure(test[key]) for key in keys), figures["malignancy alert: test sensitivity / specificity"],
                     figures["test ECE, raw -> calibrated"], figures["out-of-domain AUROC (seed-1 draw vs test lesions)"]]

@@ -500,9 +500,9 @@ def test_a_student_trains_against_teachers_on_their_validation_split(trained: Tr
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     split_seeds = []
 
-    def recording_split(root: Path, seed: int):
+    def recording_split(root: Path, seed: int, **kwargs: bool):
         split_seeds.append(seed)
-        return split_dataset(root, seed)
+        return split_dataset(root, seed, **kwargs)
 
     monkeypatch.setattr(training_main, "split_dataset", recording_split)
     teachers = [str(trained.weights), str(trained.weights)]

@@ -40,7 +40,7 @@ def malignant_share(metrics: dict) -> float:
     return sum(metrics["per_class"][code]["support"] for code in MALIGNANT_CODES) / metrics["n_images"]
 
 
-def tested(report: dict) -> dict:
+def scored_report(report: dict) -> dict:
     """The part of a shipped model's report that holds its test figures: the report itself or, for weights trained
     on the test split too, the report of the same recipe's run that held it out."""
     return report.get("held_out_run", report)
@@ -52,8 +52,8 @@ def table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 def render(reports: dict[str, dict]) -> str:
     archs = list(reports)
-    images = tested(reports[archs[0]])["images"]
-    test = {a: tested(reports[a])["test"] for a in archs}
+    images = scored_report(reports[archs[0]])["images"]
+    test = {a: scored_report(reports[a])["test"] for a in archs}
     trained_on_test = [a for a in archs if "held_out_run" in reports[a]]
     lines = [
         "# Model card: HAM10000 skin-lesion classifiers (" + ", ".join(archs) + ")",
@@ -85,8 +85,8 @@ def render(reports: dict[str, dict]) -> str:
         *(f"- {a}'s shipped weights: trained on {reports[a]['images']['train']:,} images (training and test splits); "
           f"validation accuracy / balanced accuracy {reports[a]['saved_epoch']['val_accuracy']:.3f} / "
           f"{reports[a]['saved_epoch']['val_balanced_accuracy']:.3f} (single view), against "
-          f"{tested(reports[a])['saved_epoch']['val_accuracy']:.3f} / "
-          f"{tested(reports[a])['saved_epoch']['val_balanced_accuracy']:.3f} for the run that held the test split out."
+          f"{scored_report(reports[a])['saved_epoch']['val_accuracy']:.3f} / "
+          f"{scored_report(reports[a])['saved_epoch']['val_balanced_accuracy']:.3f} for the run that held the test split out."
           for a in trained_on_test),
         "- Classes: " + "; ".join(f"`{c.code}` {c.name}" for c in CLASSES) + ".",
         "",
@@ -127,7 +127,7 @@ def render(reports: dict[str, dict]) -> str:
     ]
     calibration = {a: reports[a]["calibration"] for a in archs}
     # Test figures of the calibration: the held-out run's, for weights trained on the test split.
-    tested_calibration = {a: tested(reports[a])["calibration"] for a in archs}
+    tested_calibration = {a: scored_report(reports[a])["calibration"] for a in archs}
 
     def row(name: str, cell, source: dict[str, dict] = calibration) -> list[str]:
         return [name, *(cell(source[a]) for a in archs)]
@@ -254,7 +254,7 @@ def read_reports(store: Path) -> dict[str, dict]:
     if not reports:
         raise FileNotFoundError(f"no model reports (<arch>.json) in {store}")
     for arch, report in reports.items():
-        if "calibration" not in report or "test" not in tested(report):
+        if "calibration" not in report or "test" not in scored_report(report):
             raise ValueError(f"{store / arch}.json has no calibration: run python -m training.calibrate first")
     return reports
 
