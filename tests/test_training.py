@@ -277,6 +277,8 @@ def test_weights_trained_on_the_test_split_carry_the_test_figures_of_the_run_tha
     assert report["images"]["train"] == trained.report["images"]["train"] + n_test
     assert report["images"]["validation"] == trained.report["images"]["validation"]
     assert "test" not in report and "calibration" not in report  # nothing scored on images it trained on
+    assert Path(f"{args.modelname.with_suffix('')}_curves.png").is_file()
+    assert not Path(f"{args.modelname.with_suffix('')}_confusion.png").exists()
 
     held_out = trained.weights.with_suffix(".json")
     weights = ["--type", "resnet18", "--weights", str(args.modelname)]

@@ -368,7 +368,7 @@ def write_report(args: argparse.Namespace, state: dict, train_set: list[Sample],
                  test_set: list[Sample]) -> dict:
     """Calibrate the saved epoch's weights, score the test split once with calibrated probabilities (exactly as
     served), and write the report and figures beside the weights (with --validation-only or --train-on-test: the
-    history alone)."""
+    history and its curves alone)."""
     report = {
         "model": args.type,
         "weights": str(args.modelname),
@@ -379,6 +379,7 @@ def write_report(args: argparse.Namespace, state: dict, train_set: list[Sample],
         "history": state["history"],
     }
     stem = args.modelname.with_suffix("")
+    plot_curves(state["history"], f"{stem}_curves.png", args.type)
     if args.validation_only or args.train_on_test:
         Path(f"{stem}.json").write_text(to_json(report))
         return report
@@ -389,7 +390,6 @@ def write_report(args: argparse.Namespace, state: dict, train_set: list[Sample],
     report.update(test=test_metrics, calibration=calibrated["calibration"])
     Path(f"{stem}.json").write_text(to_json(report))
     plot_confusion(test_metrics["confusion_matrix"], f"{stem}_confusion.png", f"{args.type} on the test split")
-    plot_curves(state["history"], f"{stem}_curves.png", args.type)
     return report
 
 
