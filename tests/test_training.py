@@ -30,6 +30,7 @@ from skinlesion.predictor import Predictor
 from training.__main__ import parse_args, train
 from training.ablation import format_table
 from training.ablation import main as ablation_main
+from training.calibrate import calibrate_checkpoint
 from training.calibrate import main as calibrate_main
 from training.data import TEST_FOLDER, TRAIN_FOLDER, grouped_split, read_samples, split_dataset
 from training.evaluate import (
@@ -302,7 +303,12 @@ def test_weights_trained_on_the_test_split_carry_the_test_figures_of_the_run_tha
     assert "Trained on the test split too: resnet18" in card
     assert f"| accuracy | {held_out_report['test']['accuracy']:.3f} |" in card
 
-    # The held-out run must have test figures of its own.
+    # The held-out run must have test figures of its own, and a test split is either scored or carried.
+    train_set, val_set, test_set = split_dataset(trained.root, seed=0)
+    with pytest.raises(ValueError, match="exactly one"):
+        calibrate_checkpoint(args.modelname, train_set, val_set, test_set, held_out_run=held_out_report)
+    with pytest.raises(ValueError, match="exactly one"):
+        calibrate_checkpoint(args.modelname, train_set + test_set, val_set, [])
     assert calibrate_main([str(trained.root), *weights, "--held-out", str(args.modelname.with_suffix(".json"))]) == 2
     assert "has no test figures" in capsys.readouterr().err
 

@@ -131,13 +131,13 @@ def calibrate_checkpoint(weights: Path, train: list[Sample], val: list[Sample], 
                          held_out_run: dict | None = None) -> dict:
     """Fit the calibration of `weights` for running it with these test-time views and trunk precision, store it
     (and the card's metrics) in the checkpoint; returns the report: {"calibration": what was fitted and how it
-    does, "test": compute_metrics with calibrated probabilities}.
+    does, "test": compute_metrics with calibrated probabilities} or, in its place, "held_out_run".
 
     For weights trained on the test split too (`test` empty), `held_out_run` is the calibrated report of the same
     recipe's run that held the test split out: the report then carries it under "held_out_run", in place of test
     figures these weights cannot have, and so does the checkpoint's card (marked so)."""
     if bool(test) == (held_out_run is not None):
-        raise ValueError("give a test split to score, or the report of a run that held it out, not both")
+        raise ValueError("calibrating needs exactly one of a test split to score and the report of a run that held it out")
     predictor = Predictor.from_checkpoint(weights)  # its outputs are raw, whatever an earlier fit stored
 
     def outputs(images: list[Image.Image]) -> Outputs:
@@ -178,7 +178,7 @@ def calibrate_checkpoint(weights: Path, train: list[Sample], val: list[Sample], 
     }
     if held_out_run is None:
         metrics = score_test_split(outputs, test, calibration, report)
-        result, tested = {"calibration": report, "test": metrics}, {"calibration": report, "test": metrics}
+        result = tested = {"calibration": report, "test": metrics}
     else:
         tested = {key: held_out_run[key] for key in ("weights", "arguments", "images", "saved_epoch", "test", "calibration")}
         result = {"calibration": report, "held_out_run": tested}
