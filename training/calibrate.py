@@ -61,6 +61,8 @@ DAMAGED_LESIONS = 60
 SELECTION_SEED, REPORT_SEED = 0, 1
 # Lesion-grouped folds of the validation split for the out-of-fold calibration figures.
 OUT_OF_FOLD_GROUPS = 5
+# What weights trained on the test split carry of the report of the run that held it out.
+HELD_OUT_KEYS = ("weights", "arguments", "images", "saved_epoch", "test", "calibration")
 # Fitted calibration: raw logits -> calibrated probabilities.
 Calibrator = Callable[[torch.Tensor], torch.Tensor]
 
@@ -180,7 +182,7 @@ def calibrate_checkpoint(weights: Path, train: list[Sample], val: list[Sample], 
         metrics = score_test_split(outputs, test, calibration, report)
         result = tested = {"calibration": report, "test": metrics}
     else:
-        tested = {key: held_out_run[key] for key in ("weights", "arguments", "images", "saved_epoch", "test", "calibration")}
+        tested = {key: held_out_run[key] for key in HELD_OUT_KEYS}
         result = {"calibration": report, "held_out_run": tested}
     card = {**card_metrics(tested), **({"from_held_out_run": True} if held_out_run is not None else {})}
     add_to_checkpoint(weights, calibration=calibration.to_state(), card=json.loads(to_json(card)))
@@ -377,9 +379,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = json.loads(report_path.read_text()) if report_path.exists() else {}
         held_out_run = json.loads(args.held_out.read_text()) if args.held_out else report.get("held_out_run")
-        if held_out_run is not None and "test" not in held_out_run:
-            raise ValueError(f"{args.held_out} has no test figures: give the calibrated report of a run that held "
-                             "the test split out")
+        if held_out_run is not None and not set(HELD_OUT_KEYS) <= set(held_out_run):
+            raise ValueError(f"{args.held_out} has no test figures: give the calibrated training report of a run "
+                             "that held the test split out")
         train, val, test = split_dataset(args.root, args.seed, train_on_test=held_out_run is not None)
         result = calibrate_checkpoint(weights, train, val, test, args.views, args.bfloat16, held_out_run)
     except (OSError, ValueError) as exc:
