@@ -101,7 +101,7 @@ def labelled_row(text: str, label: str) -> list[str]:
 
 def calibration_figures(report: dict) -> dict[str, str]:
     """What docs/training.md's calibration results table quotes of one model's report, by row: test figures from
-    the run that held the test split out (model_card.tested), fitted values and validation figures its own."""
+    the run that held the test split out (model_card.scored_report), fitted values and validation figures its own."""
     calibration, test = report["calibration"], scored_report(report)["test"]
     tested_calibration = scored_report(report)["calibration"]
     before, after, ood = tested_calibration["test_before"], tested_calibration["test_after"], tested_calibration["out_of_domain"]
