@@ -119,7 +119,7 @@ def calibration_figures(report: dict) -> dict[str, str]:
         "test ECE of perfectly calibrated probabilities: mean, 95th percentile":
             f"{figure(after['ece_if_calibrated']['mean'])}, {figure(after['ece_if_calibrated']['p95'])}",
         "validation ECE, out of fold (5 lesion groups)": figure(calibration["validation_out_of_fold"]["ece"]),
-        "accuracy at mean confidence: validation / test":
+        "accuracy at mean confidence, held-out runs: validation / test":
             f"{figure(tested_calibration['validation_out_of_fold']['accuracy'])} at "
             f"{figure(tested_calibration['validation_out_of_fold']['mean_confidence'])} / {figure(test['accuracy'])} "
             f"at {figure(after['mean_confidence'])}",
