@@ -102,8 +102,8 @@ def labelled_row(text: str, label: str) -> list[str]:
 def calibration_figures(report: dict) -> dict[str, str]:
     """What docs/training.md's calibration results table quotes of one model's report, by row: test figures from
     the run that held the test split out (model_card.scored_report), fitted values and validation figures its own."""
-    calibration, test = report["calibration"], scored_report(report)["test"]
-    tested_calibration = scored_report(report)["calibration"]
+    scored = scored_report(report)
+    calibration, test, tested_calibration = report["calibration"], scored["test"], scored["calibration"]
     before, after, ood = tested_calibration["test_before"], tested_calibration["test_after"], tested_calibration["out_of_domain"]
     malignancy = tested_calibration["malignancy"]
     return {

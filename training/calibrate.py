@@ -380,7 +380,8 @@ def main(argv: list[str] | None = None) -> int:
         report = json.loads(report_path.read_text()) if report_path.exists() else {}
         held_out_run = json.loads(args.held_out.read_text()) if args.held_out else report.get("held_out_run")
         if held_out_run is not None and not set(HELD_OUT_KEYS) <= set(held_out_run):
-            raise ValueError(f"{args.held_out} has no test figures: give the calibrated training report of a run "
+            source = args.held_out or f"{report_path}'s held_out_run"
+            raise ValueError(f"{source} has no test figures: give the calibrated training report of a run "
                              "that held the test split out")
         train, val, test = split_dataset(args.root, args.seed, train_on_test=held_out_run is not None)
         result = calibrate_checkpoint(weights, train, val, test, args.views, args.bfloat16, held_out_run)
