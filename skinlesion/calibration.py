@@ -1,6 +1,11 @@
 """What an answer says besides its label: calibrated probabilities, whether the image looks like the
 lesions the model was trained on, and the malignancy alert.
 
+Probabilities: one temperature per predicted class (top-label calibration, Gupta & Ramdas 2022). The
+class-weighted training loss makes the network underconfident when it says "nevus" and overconfident when it
+names a rarer class, which one shared temperature cannot undo; dividing an image's logits by the temperature of
+its own top class keeps that top class, so the label, accuracy and balanced accuracy are those of the raw network.
+
 Everything here is fitted once per checkpoint (`python -m training.calibrate`, also run at the end of
 training) on the lesion-grouped training and validation splits, stored in the checkpoint, and applied by
 the Predictor to the forward pass it already makes: no second model on the request path.
@@ -16,6 +21,7 @@ comparison: the network is as confident on a rocket as on a mole.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +42,10 @@ IN_DOMAIN_PASS_RATE = 0.95
 # lesions (one-sided 95%): with the plain 95% quantile, resnet34 flagged 6.3% of test lesions.
 PASS_RATE_MARGIN_SE = 1.645
 MALIGNANCY_SENSITIVITY = 0.90
+# Weight, in images, of the whole split's top-label loss in each predicted class's temperature fit, so that a
+# class predicted a dozen times stays near the shared temperature (chosen on validation lesions out of fold
+# against 10 and 100, docs/training.md).
+CLASS_TEMPERATURE_PRIOR_IMAGES = 30
 DOMAIN_SPACES = ("input", "features")
 LAPLACIAN = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])
 # Keeps log() finite on a flat image (zero Laplacian).
@@ -90,14 +100,36 @@ def fit_class_gaussians(train_x: torch.Tensor, train_labels: torch.Tensor, val_x
     return ClassGaussians(means.float(), precision.float(), float(logs.mean()), max(float(logs.std()), 1e-6))
 
 
-def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """The temperature T minimising the negative log-likelihood of softmax(logits / T)."""
+def top_label_loss(logits: torch.Tensor, correct: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Per image, the binary cross-entropy between the top probability of softmax(logits / temperature) and
+    whether the top label is right."""
+    confidence = (logits / temperature).softmax(1).max(1).values.clamp(1e-12, 1 - 1e-12)
+    return -(correct * confidence.log() + (1 - correct) * (1 - confidence).log())
+
+
+def fit_class_temperatures(logits: torch.Tensor, labels: torch.Tensor,
+                           prior_images: float = CLASS_TEMPERATURE_PRIOR_IMAGES) -> tuple[float, ...]:
+    """One temperature per class, for the images predicted that class: each minimises the top-label loss summed
+    over those images plus `prior_images` times its mean over all of them (a class never predicted gets the
+    temperature that fits the top label of the whole split)."""
     logits, labels = logits.double(), labels.long()
+    predicted = logits.argmax(1)
+    correct = (predicted == labels).double()
 
-    def nll(log_t: float) -> float:
-        return float(torch.nn.functional.cross_entropy(logits / np.exp(log_t), labels))
+    def fit(members: torch.Tensor) -> float:
+        def loss(log_t: float) -> float:
+            everyone = top_label_loss(logits, correct, np.exp(log_t)).mean() if len(logits) else 0.0
+            return float(top_label_loss(logits[members], correct[members], np.exp(log_t)).sum() + prior_images * everyone)
 
-    return float(np.exp(minimize_scalar(nll, bounds=(-3.0, 3.0), method="bounded").x))
+        return float(np.exp(minimize_scalar(loss, bounds=(-3.0, 3.0), method="bounded").x))
+
+    return tuple(fit(predicted == k) for k in range(len(CLASS_CODES)))
+
+
+def class_tempered_softmax(logits: torch.Tensor, temperatures: tuple[float, ...]) -> torch.Tensor:
+    """softmax(logits / T_k) for each row, k its top class: the top class, and so the label, stays the same."""
+    per_row = torch.tensor(temperatures, dtype=logits.dtype, device=logits.device)[logits.argmax(-1)]
+    return (logits / per_row.unsqueeze(-1)).softmax(-1)
 
 
 def validation_pass_rate(n: int) -> float:
@@ -126,7 +158,8 @@ def fit_malignancy_threshold(probabilities: torch.Tensor, labels: torch.Tensor) 
 
 @dataclass(frozen=True)
 class Calibration:
-    temperature: float
+    # One per class (CLASS_CODES order), applied to the images predicted that class.
+    temperatures: tuple[float, ...]
     malignancy_threshold: float
     domain: dict[str, ClassGaussians]
     # An image whose domain score is above this is out of domain.
@@ -136,6 +169,9 @@ class Calibration:
     views: str = "none"
     bfloat16: bool = False
 
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        return class_tempered_softmax(logits, self.temperatures)
+
     def domain_score(self, statistics: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         """Per image, the larger of the two z-scores; higher = less like the training lesions."""
         return torch.maximum(self.domain["input"].zscores(statistics), self.domain["features"].zscores(features))
@@ -143,7 +179,7 @@ class Calibration:
     def to_state(self) -> dict[str, Any]:
         """Plain tensors, floats and dicts: what torch.load(weights_only=True) reads back."""
         return {
-            "temperature": self.temperature,
+            "temperatures": list(self.temperatures),
             "malignancy_threshold": self.malignancy_threshold,
             "domain_threshold": self.domain_threshold,
             "domain": {name: vars(g) for name, g in self.domain.items()},
@@ -153,8 +189,10 @@ class Calibration:
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> Calibration:
+        # A checkpoint calibrated before temperatures were per class holds one shared temperature.
+        temperatures = state.get("temperatures") or [state["temperature"]] * len(CLASS_CODES)
         return cls(
-            temperature=float(state["temperature"]),
+            temperatures=tuple(float(t) for t in temperatures),
             malignancy_threshold=float(state["malignancy_threshold"]),
             domain_threshold=float(state["domain_threshold"]),
             domain={name: ClassGaussians(**g) for name, g in state["domain"].items()},
@@ -174,18 +212,16 @@ class FitData:
 
 
 def fit_calibration(train: FitData, val: FitData) -> Calibration:
-    """Class Gaussians from the training lesions; temperature, the domain threshold and the malignancy
+    """Class Gaussians from the training lesions; temperatures, the domain threshold and the malignancy
     threshold from the validation lesions."""
     domain = {
         "input": fit_class_gaussians(train.statistics, train.labels, val.statistics),
         "features": fit_class_gaussians(train.features, train.labels, val.features),
     }
-    temperature = fit_temperature(val.logits, val.labels)
-    partial = Calibration(temperature, 0.0, domain, 0.0)
+    partial = Calibration(fit_class_temperatures(val.logits, val.labels), 0.0, domain, 0.0)
     scores = partial.domain_score(val.statistics, val.features)
-    return Calibration(
-        temperature=temperature,
-        malignancy_threshold=fit_malignancy_threshold((val.logits / temperature).softmax(1), val.labels),
-        domain=domain,
+    return dataclasses.replace(
+        partial,
+        malignancy_threshold=fit_malignancy_threshold(partial.probabilities(val.logits), val.labels),
         domain_threshold=float(torch.quantile(scores, validation_pass_rate(len(scores)))),
     )

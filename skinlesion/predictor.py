@@ -13,7 +13,7 @@ from torch import nn
 
 from skinlesion.calibration import MALIGNANT_CODES, Calibration, input_statistics, malignant_probability
 from skinlesion.image import TTA_VIEWS, dihedral_views, preprocess
-from skinlesion.model import CLASS_NAMES, CLASSES, load_checkpoint
+from skinlesion.model import CLASS_CODES, CLASS_NAMES, CLASSES, load_checkpoint
 
 UNCALIBRATED = {
     "code": "uncalibrated",
@@ -44,7 +44,7 @@ def native_bfloat16(device_type: str) -> bool:
 class Outputs:
     """The raw network outputs for a batch (all on the CPU, float32)."""
 
-    logits: torch.Tensor  # N x 7, before the temperature
+    logits: torch.Tensor  # N x 7, before the temperatures
     features: torch.Tensor  # N x D, the pooled features the classifier reads
     statistics: torch.Tensor | None  # N x 18, calibration.input_statistics (None when not asked for)
 
@@ -73,10 +73,6 @@ class Predictor:
         model, meta = load_checkpoint(path, device)
         calibration = Calibration.from_state(meta["calibration"]) if meta["calibration"] else None
         return cls(model, meta["arch"], meta["image_size"], device, calibration, meta["card"], meta["colour_constancy"])
-
-    @property
-    def temperature(self) -> float:
-        return self.calibration.temperature if self.calibration else 1.0
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         return preprocess(image, self.image_size, self.colour_constancy)
@@ -113,8 +109,8 @@ class Predictor:
         return Outputs(torch.cat(logits), torch.cat(features), torch.cat(stats) if statistics else None)
 
     def calibrated(self, logits: torch.Tensor) -> torch.Tensor:
-        """Softmax probabilities at the fitted temperature."""
-        return (logits / self.temperature).softmax(dim=-1)
+        """Softmax probabilities at the fitted temperatures (plain softmax for an uncalibrated checkpoint)."""
+        return self.calibration.probabilities(logits) if self.calibration else logits.softmax(dim=-1)
 
     def probabilities(self, inputs: torch.Tensor, batch_size: int = 64, bfloat16: bool = False) -> torch.Tensor:
         """Calibrated probabilities (N x 7, on the CPU) for preprocessed inputs (N x 3 x H x W). Without the input
@@ -178,7 +174,8 @@ class Predictor:
             "classes": [{"code": c.code, "name": c.name} for c in CLASSES],
             "input_size": {"height": self.image_size[0], "width": self.image_size[1]},
             "calibrated": calibration is not None,
-            "temperature": self.temperature,
+            # Applied by predicted class: an image predicted `code` has its logits divided by temperatures[code].
+            "temperatures": dict(zip(CLASS_CODES, calibration.temperatures, strict=True)) if calibration else None,
             # How every plain prediction is computed: test-time views averaged, and the trunk's precision.
             "inference": {"views": self.views, "view_count": TTA_VIEWS[self.views],
                           "precision": "bfloat16" if self.bfloat16 else "float32"},

@@ -18,8 +18,9 @@ from skinlesion.calibration import (
     MALIGNANCY_SENSITIVITY,
     MALIGNANT_CODES,
     Calibration,
+    class_tempered_softmax,
+    fit_class_temperatures,
     fit_malignancy_threshold,
-    fit_temperature,
     is_malignant,
     malignant_probability,
     validation_pass_rate,
@@ -32,11 +33,14 @@ from tests.conftest import ROOT
 from training.calibrate import (
     CALIBRATORS,
     OUT_OF_FOLD_GROUPS,
+    class_temperatures,
+    fit_temperature,
     lesion_folds,
     out_of_fold_calibration,
     temperature_and_class_bias,
     temperature_scaling,
 )
+from training.evaluate import expected_calibration_error
 from training.ood import SAMPLE_PHOTOS, out_of_domain_set
 
 
@@ -57,14 +61,44 @@ def test_fit_temperature_recovers_the_temperature_that_drew_the_labels() -> None
     assert fit_temperature(logits, labels) == pytest.approx(2.5, rel=0.05)
 
 
-def test_out_of_fold_calibration_scores_each_fold_with_the_others_temperature() -> None:
+def labels_drawn_by_predicted_class(logits: torch.Tensor, temperatures: list[float], seed: int = 0) -> torch.Tensor:
+    """Labels drawn from softmax(logits / T_k), k each row's top class: a network whose confidence is off by a
+    different factor for each class it names."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.multinomial(class_tempered_softmax(logits, tuple(temperatures)), 1, generator=generator).squeeze(1)
+
+
+def test_class_temperatures_recover_the_temperatures_that_drew_the_labels_and_keep_the_label() -> None:
+    """Underconfident when it names the common class (5, nv), overconfident when it names a rarer one: one
+    temperature per predicted class undoes both, which one shared temperature cannot."""
+    truth = [2.0, 2.0, 2.0, 2.0, 2.0, 0.6, 2.0]
+    logits = 2 * torch.randn(30_000, 7, generator=torch.Generator().manual_seed(1))
+    logits[:, 5] += 1.5  # the common class is predicted most often
+    labels = labels_drawn_by_predicted_class(logits, truth)
+    fitted = fit_class_temperatures(logits, labels)
+    assert fitted == pytest.approx(truth, rel=0.1)
+    assert torch.equal(class_tempered_softmax(logits, fitted).argmax(1), logits.argmax(1))
+    # A class never predicted gets the temperature that fits the top label of the whole split.
+    logits[:, 3] = -100.0
+    assert fit_class_temperatures(logits, labels)[3] == pytest.approx(fit_class_temperatures(logits, labels, 1e9)[5],
+                                                                      rel=0.01)
+    fit, held_out = slice(0, 20_000), slice(20_000, None)
+    truth_labels = labels[held_out].numpy()
+
+    def ece(calibrator) -> float:
+        return expected_calibration_error(truth_labels, calibrator(logits[fit], labels[fit])(logits[held_out]).numpy())
+
+    assert ece(class_temperatures) < 0.015 < ece(temperature_scaling) - 0.01
+
+
+def test_out_of_fold_calibration_scores_each_fold_with_the_others_temperatures() -> None:
     generator = torch.Generator().manual_seed(0)
     logits = 3 * torch.randn(3_000, 7, generator=generator)
     labels = torch.multinomial((logits / 2.5).softmax(1), 1, generator=generator).squeeze(1)
     lesions = [f"lesion{i // 3}" for i in range(3_000)]  # three images each
-    report = out_of_fold_calibration(logits, labels, lesions)
-    assert report["folds"] == OUT_OF_FOLD_GROUPS
-    # Each fold's temperature, fitted on the other four, is close to the one that drew the labels.
+    report = out_of_fold_calibration(logits, labels, lesions, deals=2)
+    assert report["folds"] == OUT_OF_FOLD_GROUPS and report["deals"] == 2
+    # Each fold's temperatures, fitted on the other four, are close to the one that drew the labels.
     assert report["ece"] < report["ece_if_calibrated"]["p95"] + 0.01
     raw = torch.nn.functional.cross_entropy(logits, labels).item()
     assert report["nll"] < raw - 0.1
@@ -88,8 +122,8 @@ def test_a_class_bias_undoes_the_lean_a_temperature_cannot() -> None:
     assert temperature_only[:, 5].mean() < expected_share - 0.1
     # Out of fold, the report tells them apart the same way.
     lesions = [f"lesion{i // 2}" for i in range(6_000)]
-    scored = {name: out_of_fold_calibration(logits, labels, lesions, fit=fit) for name, fit in CALIBRATORS.items()}
-    shipped, alternative = scored["temperature"], scored["temperature and class bias"]
+    scored = {name: out_of_fold_calibration(logits, labels, lesions, fit=fit, deals=2) for name, fit in CALIBRATORS.items()}
+    shipped, alternative = scored["one temperature"], scored["one temperature and class bias"]
     assert alternative["nll"] < shipped["nll"] - 0.05
     assert alternative["malignant_ece"] < shipped["malignant_ece"]
     assert alternative["mean_malignant_probability"] == pytest.approx(alternative["malignant_share"], abs=0.02)
@@ -126,18 +160,20 @@ def test_the_domain_threshold_keeps_a_margin_above_the_target_pass_rate() -> Non
 def test_calibration_is_stored_in_the_checkpoint_and_read_back(checkpoints: Path) -> None:
     predictor = Predictor.from_checkpoint(checkpoints / "resnet18.pt")
     calibration = predictor.calibration
-    assert isinstance(calibration, Calibration) and calibration.temperature > 0
+    assert isinstance(calibration, Calibration)
+    assert len(calibration.temperatures) == len(CLASS_CODES) and min(calibration.temperatures) > 0
     again = Calibration.from_state(torch.load(checkpoints / "resnet18.pt", weights_only=True)["calibration"])
-    assert again.domain_threshold == calibration.domain_threshold
+    assert again.domain_threshold == calibration.domain_threshold and again.temperatures == calibration.temperatures
     assert torch.equal(again.domain["features"].precision, calibration.domain["features"].precision)
     assert predictor.card["test_images"] > 0 and 0 <= predictor.card["accuracy"] <= 1
 
 
-def test_probabilities_are_the_softmax_at_the_fitted_temperature(predictor, fullres_images) -> None:
+def test_probabilities_are_the_softmax_at_the_predicted_class_temperature(predictor, fullres_images) -> None:
     inputs = torch.stack([predictor.preprocess(decode_image(p.read_bytes())) for p in fullres_images[:3]])
-    outputs = predictor.outputs(inputs)
-    assert predictor.temperature != 1.0
-    assert torch.allclose(predictor.probabilities(inputs), (outputs.logits / predictor.temperature).softmax(1), atol=1e-6)
+    logits = predictor.outputs(inputs).logits
+    temperatures = torch.tensor(predictor.calibration.temperatures)[logits.argmax(1)]
+    assert not torch.allclose(temperatures, torch.ones(3))
+    assert torch.allclose(predictor.probabilities(inputs), (logits / temperatures[:, None]).softmax(1), atol=1e-6)
 
 
 def test_the_calibration_sets_how_plain_predictions_run(checkpoints: Path, fullres_images) -> None:
@@ -149,7 +185,7 @@ def test_the_calibration_sets_how_plain_predictions_run(checkpoints: Path, fullr
     images = [decode_image(p.read_bytes()) for p in fullres_images[:3]]
     inputs = torch.stack([plain.preprocess(im) for im in images])
     each_view = torch.stack([plain.outputs(view, statistics=False).logits for view in dihedral_views(inputs, "flips")])
-    expected = (each_view.mean(0) / flips.temperature).softmax(1)
+    expected = class_tempered_softmax(each_view.mean(0), flips.temperatures)
     answers = served.predict(images)
     assert torch.allclose(torch.tensor([list(a["probabilities"].values()) for a in answers]), expected, atol=1e-5)
     assert float((each_view - each_view.mean(0)).abs().max()) > 0  # the views do differ
@@ -157,6 +193,9 @@ def test_the_calibration_sets_how_plain_predictions_run(checkpoints: Path, fullr
     # A calibration stored before the inference mode existed reads back as one view in float32.
     older = Calibration.from_state({k: v for k, v in state.items() if k not in ("views", "bfloat16")})
     assert (older.views, older.bfloat16) == ("none", False)
+    # One stored before temperatures were per class applies its one temperature to every class.
+    shared = Calibration.from_state({**{k: v for k, v in state.items() if k != "temperatures"}, "temperature": 1.7})
+    assert shared.temperatures == (1.7,) * len(CLASS_CODES)
 
 
 def test_every_answer_carries_the_trust_fields(predictor, fullres_images) -> None:
@@ -187,13 +226,14 @@ def test_an_uncalibrated_checkpoint_answers_plain_softmax_and_says_so(tmp_path: 
     torch.manual_seed(0)
     save_checkpoint(build_model("resnet18"), "resnet18", DEFAULT_IMAGE_SIZE, tmp_path / "plain.pt")
     predictor = Predictor.from_checkpoint(tmp_path / "plain.pt")
-    assert predictor.calibration is None and predictor.temperature == 1.0
+    assert predictor.calibration is None
     [(status, answer)] = respond(predictor, [{"image": base64.b64encode(fullres_images[0].read_bytes()).decode()}])
     assert status == 200
     assert answer["in_domain"] is None and answer["malignancy_alert"] is None and answer["domain_score"] is None
     assert [w["code"] for w in answer["warnings"]] == ["uncalibrated"]
     card = predictor.model_card()
     assert card["calibrated"] is False and card["thresholds"] == {"out_of_domain": None, "malignancy": None}
+    assert card["temperatures"] is None
 
 
 def test_the_model_card_request_is_answered_with_the_card(predictor) -> None:
@@ -203,7 +243,7 @@ def test_the_model_card_request_is_answered_with_the_card(predictor) -> None:
         assert card["architecture"] == card["version"] == "resnet18"
         assert [c["name"] for c in card["classes"]] == list(CLASS_NAMES)
         assert card["input_size"] == {"height": DEFAULT_IMAGE_SIZE[0], "width": DEFAULT_IMAGE_SIZE[1]}
-        assert card["temperature"] == predictor.temperature
+        assert card["temperatures"] == dict(zip(CLASS_CODES, predictor.calibration.temperatures, strict=True))
         assert card["inference"]["views"] == predictor.views and card["inference"]["view_count"] >= 1
         assert card["thresholds"]["out_of_domain"] == predictor.calibration.domain_threshold
         assert card["test_metrics"] == predictor.card

@@ -144,7 +144,7 @@ def test_get_model_is_the_served_default_versions_card(service) -> None:
     assert card.status_code == 200
     card = card.json()
     assert card["success"] is True and card["architecture"] == card["version"] == "resnet34"
-    assert card["calibrated"] is True and card["thresholds"]["out_of_domain"] > 0 and card["temperature"] > 0
+    assert card["calibrated"] is True and card["thresholds"]["out_of_domain"] > 0 and min(card["temperatures"].values()) > 0
     assert len(card["classes"]) == len(CLASS_NAMES) and card["test_metrics"]["test_images"] > 0
     try:
         serve.set_default(service.management_url, "resnet18")

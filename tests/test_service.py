@@ -85,7 +85,7 @@ def test_probabilities_are_the_network_s_softmax_and_bfloat16_stays_close(predic
     # The plain network in the default (NCHW) layout: the predictor's channels-last path must agree with it.
     plain = copy.deepcopy(predictor.model).to(memory_format=torch.contiguous_format)
     with torch.inference_mode():
-        reference = (plain(inputs.contiguous()) / predictor.temperature).softmax(dim=1)
+        reference = predictor.calibration.probabilities(plain(inputs.contiguous()))
     assert torch.allclose(exact, reference, atol=1e-5)
     fast = predictor.probabilities(inputs, bfloat16=True)
     assert fast.dtype == torch.float32 and torch.allclose(fast.sum(dim=1), torch.ones(4), atol=1e-5)

@@ -30,7 +30,7 @@ from skinlesion.predictor import Predictor
 from training.__main__ import parse_args, train
 from training.ablation import format_table
 from training.ablation import main as ablation_main
-from training.calibrate import calibrate_checkpoint
+from training.calibrate import CALIBRATORS, calibrate_checkpoint
 from training.calibrate import main as calibrate_main
 from training.data import TEST_FOLDER, TRAIN_FOLDER, grouped_split, read_samples, split_dataset
 from training.evaluate import (
@@ -256,16 +256,17 @@ def test_calibrate_cli_refits_a_checkpoint_and_updates_its_report(trained: Train
     shutil.copy(trained.weights.with_suffix(".json"), report)
     assert calibrate_main([str(trained.root), "--type", "resnet18", "--weights", str(weights)]) == 0
     printed = capsys.readouterr().out
-    assert "temperature" in printed and "out-of-domain set" in printed and f"wrote {report}" in printed
+    assert "temperatures by predicted class" in printed and "out-of-domain set" in printed and f"wrote {report}" in printed
     saved = json.loads(report.read_text())
     fitted = Predictor.from_checkpoint(weights).calibration
-    assert saved["calibration"]["temperature"] == pytest.approx(fitted.temperature)
+    assert tuple(saved["calibration"]["temperatures"].values()) == pytest.approx(fitted.temperatures)
     assert saved["history"] == trained.report["history"]  # the rest of the training report is kept
     assert set(saved["calibration"]["out_of_domain"]["selection_set"]["candidates"]) >= {"energy", "max logit"}
     out_of_fold = saved["calibration"]["validation_out_of_fold"]
     assert 0 <= out_of_fold["ece"] <= 1 and out_of_fold["ece_if_calibrated"]["mean"] <= out_of_fold["ece_if_calibrated"]["p95"]
-    assert set(saved["calibration"]["validation_out_of_fold_alternatives"]) == {"temperature and class bias"}
-    assert "out of fold" in printed and "perfectly calibrated" in printed and "temperature (shipped)" in printed
+    assert set(saved["calibration"]["validation_out_of_fold_alternatives"]) == set(list(CALIBRATORS)[1:])
+    assert "out of fold" in printed and "perfectly calibrated" in printed
+    assert f"{next(iter(CALIBRATORS))} (shipped)" in printed
     assert calibrate_main([str(trained.root), "--type", "resnet18", "--weights", str(tmp_path / "absent.pt")]) == 2
 
 
@@ -291,7 +292,7 @@ def test_weights_trained_on_the_test_split_carry_the_test_figures_of_the_run_tha
     assert "test" not in saved and saved["held_out_run"]["test"] == held_out_report["test"]
     assert saved["held_out_run"]["calibration"] == held_out_report["calibration"]
     predictor = Predictor.from_checkpoint(args.modelname)
-    assert predictor.calibration.temperature == pytest.approx(saved["calibration"]["temperature"])
+    assert predictor.calibration.temperatures == pytest.approx(tuple(saved["calibration"]["temperatures"].values()))
     assert predictor.card["from_held_out_run"] is True
     assert predictor.card["accuracy"] == pytest.approx(held_out_report["test"]["accuracy"])
     assert predictor.model_card()["test_metrics"]["from_held_out_run"] is True
