@@ -37,10 +37,11 @@ from training.calibrate import (
     fit_temperature,
     lesion_folds,
     out_of_fold_calibration,
+    resplit_calibration_error,
     temperature_and_class_bias,
     temperature_scaling,
 )
-from training.evaluate import expected_calibration_error
+from training.evaluate import calibration_error_floor, expected_calibration_error
 from training.ood import SAMPLE_PHOTOS, out_of_domain_set
 
 
@@ -89,6 +90,19 @@ def test_class_temperatures_recover_the_temperatures_that_drew_the_labels_and_ke
         return expected_calibration_error(truth_labels, calibrator(logits[fit], labels[fit])(logits[held_out]).numpy())
 
     assert ece(class_temperatures) < 0.015 < ece(temperature_scaling) - 0.01
+
+
+def test_resplits_measure_what_the_refitted_calibrator_gives_new_lesions() -> None:
+    truth = [2.0, 2.0, 2.0, 2.0, 2.0, 0.6, 2.0]
+    logits = 2 * torch.randn(4_000, 7, generator=torch.Generator().manual_seed(2))
+    logits[:, 5] += 1.5
+    labels = labels_drawn_by_predicted_class(logits, truth, seed=2)
+    lesions = [f"lesion{i // 2}" for i in range(4_000)]  # two images each
+    spread = resplit_calibration_error(logits, labels, lesions, calibration_lesions=1_000, draws=20)
+    assert spread["draws"] == 20 and spread["p5"] <= spread["mean"] <= spread["p95"]
+    # Fitted on 1,000 lesions, scored on the other 2,000 images: about what the true probabilities would measure.
+    floor = calibration_error_floor(class_tempered_softmax(logits[:2_000], tuple(truth)).numpy())
+    assert floor["mean"] - 0.01 < spread["mean"] < floor["p95"] + 0.005
 
 
 def test_out_of_fold_calibration_scores_each_fold_with_the_others_temperatures() -> None:

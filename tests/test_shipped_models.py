@@ -13,7 +13,7 @@ from skinlesion.image import decode_image
 from skinlesion.model import ARCHITECTURES, DEFAULT_IMAGE_SIZE
 from skinlesion.predictor import Predictor
 from tests.conftest import HAM10000, ROOT
-from training.calibrate import calibrators_scored, image_outputs
+from training.calibrate import CALIBRATOR_FIGURES, calibrators_scored, image_outputs, shipped_resplit
 from training.data import split_dataset
 from training.evaluate import compute_metrics, predict_samples
 from training.model_card import malignant_share, mean_malignant_probability, read_reports, render, scored_report
@@ -119,6 +119,12 @@ def calibration_figures(report: dict) -> dict[str, str]:
         "malignant vs benign AUC": figure(test["malignant_auc"]),
         "test ECE of perfectly calibrated probabilities: mean, 95th percentile":
             f"{figure(after['ece_if_calibrated']['mean'])}, {figure(after['ece_if_calibrated']['p95'])}",
+        "test ECE if the split were drawn again: mean (90% range), 200 resplits":
+            f"{figure(shipped_resplit(tested_calibration)['mean'])} ({figure(shipped_resplit(tested_calibration)['p5'])}-"
+            f"{figure(shipped_resplit(tested_calibration)['p95'])})",
+        "share of those resplits with ECE <= 0.03: shipped calibrator / one temperature":
+            f"{shipped_resplit(tested_calibration)['share_at_target']:.2f} / "
+            f"{after['ece_resplits']['one temperature']['share_at_target']:.2f}",
         "validation ECE, out of fold (5 lesion groups, 20 deals)": figure(calibration["validation_out_of_fold"]["ece"]),
         "accuracy at mean confidence, held-out runs: validation / test":
             f"{figure(tested_calibration['validation_out_of_fold']['accuracy'])} at "
@@ -132,7 +138,7 @@ def calibration_figures(report: dict) -> dict[str, str]:
 
 def calibrator_figures(report: dict) -> dict[str, list[str]]:
     """docs/training.md's calibrator comparison: each calibrator's out-of-fold validation figures, by row."""
-    return {name: [figure(m[key]) for key in ("nll", "ece", "malignant_ece", "accuracy", "balanced_accuracy")]
+    return {name: [figure(m[key]) for key in CALIBRATOR_FIGURES]
             for name, m in calibrators_scored(report["calibration"]).items()}
 
 

@@ -634,6 +634,7 @@ def test_metrics_on_a_hand_made_case() -> None:
     assert m["macro_auc"] == pytest.approx((19 / 24 + 20 / 25 + 1.0) / 3)
     assert m["expected_calibration_error"] == pytest.approx(0.1)  # confidence 0.7 everywhere, accuracy 0.8
     assert pc["mel"]["mean_probability"] == pytest.approx((4 * 0.7 + 6 * 0.05) / 10)  # 4 rows predict melanoma
+    assert pc["mel"]["mean_confidence"] == pytest.approx(0.7) and np.isnan(pc["df"]["mean_confidence"])
 
 
 def test_malignant_calibration_error_reads_p_malignant_as_a_probability() -> None:

@@ -63,20 +63,27 @@ def calibration_error_floor(probs: np.ndarray, draws: int = ECE_FLOOR_DRAWS, see
     return {"mean": float(gaps.mean()), "p95": float(np.percentile(gaps, 95))}
 
 
+def one_vs_rest_aucs(labels: np.ndarray, probs: np.ndarray) -> dict[int, float]:
+    """ROC AUC of each class's probability against the rest, for the classes present and not alone."""
+    aucs = {}
+    for k in range(probs.shape[1]):
+        positives = labels == k
+        if 0 < positives.sum() < len(labels):
+            aucs[k] = float(roc_auc_score(positives, probs[:, k]))
+    return aucs
+
+
 def compute_metrics(labels: np.ndarray, probs: np.ndarray) -> dict:
     """Every reported metric for integer labels (N) and class probabilities (N x 7)."""
     labels, probs = np.asarray(labels), np.asarray(probs, dtype=np.float64)
     preds = probs.argmax(axis=1)
+    confidence = probs.max(axis=1) if len(labels) else np.zeros(0)
     classes = list(range(len(CLASS_CODES)))
     matrix = confusion_matrix(labels, preds, labels=classes)
     precision, recall, f1, support = precision_recall_fscore_support(
         labels, preds, labels=classes, zero_division=0
     )
-    aucs = {}
-    for k in classes:
-        positives = labels == k
-        if 0 < positives.sum() < len(labels):
-            aucs[k] = float(roc_auc_score(positives, probs[:, k]))
+    aucs = one_vs_rest_aucs(labels, probs)
     mel_negatives = labels != MELANOMA
     malignant = np.isin(labels, MALIGNANT_INDICES)
     return {
@@ -96,6 +103,8 @@ def compute_metrics(labels: np.ndarray, probs: np.ndarray) -> dict:
         "per_class": {
             code: {
                 "precision": float(precision[k]),
+                # Against precision: whether the model states more or less confidence than it earns when it names this class.
+                "mean_confidence": float(confidence[preds == k].mean()) if (preds == k).any() else float("nan"),
                 "recall": float(recall[k]),
                 "f1": float(f1[k]),
                 "auc": aucs.get(k, float("nan")),
@@ -154,12 +163,13 @@ def format_report(metrics: dict) -> str:
         f"{metrics['expected_calibration_error_if_calibrated']['p95']:.4f})",
         f"P(malignant) ECE       {metrics['malignant_calibration_error']:.4f}",
         "",
-        f"{'class':<6} {'precision':>9} {'recall':>7} {'f1':>6} {'auc':>6} {'n':>5} {'share':>6} {'mean p':>6}",
+        f"{'class':<6} {'precision':>9} {'conf':>6} {'recall':>7} {'f1':>6} {'auc':>6} {'n':>5} {'share':>6} {'mean p':>6}",
     ]
     for code, m in metrics["per_class"].items():
         lines.append(
-            f"{code:<6} {m['precision']:>9.3f} {m['recall']:>7.3f} {m['f1']:>6.3f} {m['auc']:>6.3f} {m['support']:>5}"
-            f" {m['support'] / max(metrics['n_images'], 1):>6.3f} {m['mean_probability']:>6.3f}"
+            f"{code:<6} {m['precision']:>9.3f} {m['mean_confidence']:>6.3f} {m['recall']:>7.3f} {m['f1']:>6.3f}"
+            f" {m['auc']:>6.3f} {m['support']:>5} {m['support'] / max(metrics['n_images'], 1):>6.3f}"
+            f" {m['mean_probability']:>6.3f}"
         )
     lines += ["", "confusion matrix (rows: true, columns: predicted)", "       " + " ".join(f"{c:>5}" for c in CLASS_CODES)]
     rows = zip(CLASS_CODES, metrics["confusion_matrix"], strict=True)
