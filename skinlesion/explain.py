@@ -118,8 +118,10 @@ def explain_lime(predictor: Predictor, image: Image.Image, label: int, precision
             raise DeadlinePassed
         # lime hands over N x H x W x 3 uint8 images; the serving normalization turns them into model input.
         batch = normalize(torch.from_numpy(images).permute(0, 3, 1, 2))
+        # The network's own softmax: a temperature per predicted class would make the explained probability jump
+        # where a perturbation changes the top class, and nevi's (below 1) saturate it (docs/explanations.md).
         return predictor.probabilities(batch, LIME_BATCH_SIZE, bfloat16=native_bfloat16(predictor.device.type),
-                                       label=label).numpy()
+                                       calibrated=False).numpy()
 
     # The explainer's random_state draws the perturbations; random_seed alone would only seed segmentation.
     explainer = lime_image.LimeImageExplainer(random_state=seed)

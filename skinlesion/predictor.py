@@ -108,23 +108,17 @@ class Predictor:
                     stats.append(input_statistics(chunk).cpu())
         return Outputs(torch.cat(logits), torch.cat(features), torch.cat(stats) if statistics else None)
 
-    def calibrated(self, logits: torch.Tensor, label: int | None = None) -> torch.Tensor:
-        """Softmax probabilities at the fitted temperatures (plain softmax for an uncalibrated checkpoint): each
-        row at its top class's temperature or, with `label`, every row at that class's. The probability of `label`
-        then changes smoothly with the input, as LIME's linear fit of it assumes, and is the served one wherever
-        `label` is the top class."""
-        if self.calibration is None:
-            return logits.softmax(dim=-1)
-        if label is None:
-            return self.calibration.probabilities(logits)
-        return (logits / self.calibration.temperatures[label]).softmax(dim=-1)
+    def calibrated(self, logits: torch.Tensor) -> torch.Tensor:
+        """Softmax probabilities at the fitted temperatures (plain softmax for an uncalibrated checkpoint)."""
+        return self.calibration.probabilities(logits) if self.calibration else logits.softmax(dim=-1)
 
     def probabilities(self, inputs: torch.Tensor, batch_size: int = 64, bfloat16: bool = False,
-                      label: int | None = None) -> torch.Tensor:
-        """Calibrated probabilities (N x 7, on the CPU) for preprocessed inputs (N x 3 x H x W), as `calibrated`.
-        Without the input statistics: on LIME's batches of 64 they cost about 40 ms, some 6% of the batch, for
-        nothing."""
-        return self.calibrated(self.outputs(inputs, batch_size, bfloat16, statistics=False).logits, label)
+                      calibrated: bool = True) -> torch.Tensor:
+        """Calibrated probabilities (N x 7, on the CPU) for preprocessed inputs (N x 3 x H x W), or without
+        `calibrated` the network's own softmax. Without the input statistics: on LIME's batches of 64 they cost
+        about 40 ms, some 6% of the batch, for nothing."""
+        logits = self.outputs(inputs, batch_size, bfloat16, statistics=False).logits
+        return self.calibrated(logits) if calibrated else logits.softmax(dim=-1)
 
     def domain_scores(self, outputs: Outputs) -> torch.Tensor | None:
         """Per image, how unlike the training lesions it looks (calibration.Calibration.domain_score)."""

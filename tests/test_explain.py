@@ -118,9 +118,9 @@ def test_precisions_use_their_configured_sample_counts(
     calls = []
     original = predictor.probabilities
 
-    def counting(inputs, batch_size=64, bfloat16=False, label=None):
+    def counting(inputs, batch_size=64, bfloat16=False, calibrated=True):
         calls.append(len(inputs))
-        return original(inputs, batch_size, bfloat16, label)
+        return original(inputs, batch_size, bfloat16, calibrated)
 
     monkeypatch.setattr(predictor, "probabilities", counting)
     for level, expected in settings.items():
