@@ -50,6 +50,7 @@ from training.evaluate import (
     calibration_error_floor,
     compute_metrics,
     expected_calibration_error,
+    macro_auc,
     malignant_calibration_error,
     one_vs_rest_aucs,
     to_json,
@@ -355,7 +356,7 @@ def out_of_fold_calibration(logits: torch.Tensor, labels: torch.Tensor, lesions:
         return {"nll": nll(probabilities, labels), "ece": expected_calibration_error(truth, probs),
                 "accuracy": float((probs.argmax(1) == truth).mean()),
                 "balanced_accuracy": float(balanced_accuracy_score(truth, probs.argmax(1))),
-                "macro_auc": float(np.mean(list(one_vs_rest_aucs(truth, probs).values()))),
+                "macro_auc": macro_auc(one_vs_rest_aucs(truth, probs)),
                 "mean_confidence": float(probs.max(1).mean()),
                 "malignant_ece": malignant_calibration_error(truth, probs),
                 "mean_malignant_probability": float(malignant_probability(probabilities).mean())}

@@ -73,6 +73,11 @@ def one_vs_rest_aucs(labels: np.ndarray, probs: np.ndarray) -> dict[int, float]:
     return aucs
 
 
+def macro_auc(aucs: dict[int, float]) -> float:
+    """The mean of one_vs_rest_aucs (NaN when no class has both positives and negatives)."""
+    return float(np.mean(list(aucs.values()))) if aucs else float("nan")
+
+
 def compute_metrics(labels: np.ndarray, probs: np.ndarray) -> dict:
     """Every reported metric for integer labels (N) and class probabilities (N x 7)."""
     labels, probs = np.asarray(labels), np.asarray(probs, dtype=np.float64)
@@ -90,7 +95,7 @@ def compute_metrics(labels: np.ndarray, probs: np.ndarray) -> dict:
         "n_images": int(len(labels)),
         "accuracy": float((preds == labels).mean()),
         "balanced_accuracy": float(balanced_accuracy_score(labels, preds)),
-        "macro_auc": float(np.mean(list(aucs.values()))) if aucs else float("nan"),
+        "macro_auc": macro_auc(aucs),
         "melanoma_auc": aucs.get(MELANOMA, float("nan")),
         # Malignant (melanoma, basal cell carcinoma, actinic keratoses) against benign, on the summed probability.
         "malignant_auc": float(roc_auc_score(malignant, probs[:, MALIGNANT_INDICES].sum(axis=1)))
