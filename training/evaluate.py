@@ -82,7 +82,7 @@ def compute_metrics(labels: np.ndarray, probs: np.ndarray) -> dict:
     """Every reported metric for integer labels (N) and class probabilities (N x 7)."""
     labels, probs = np.asarray(labels), np.asarray(probs, dtype=np.float64)
     preds = probs.argmax(axis=1)
-    confidence = probs.max(axis=1) if len(labels) else np.zeros(0)
+    confidence = probs.max(axis=1)
     classes = list(range(len(CLASS_CODES)))
     matrix = confusion_matrix(labels, preds, labels=classes)
     precision, recall, f1, support = precision_recall_fscore_support(
