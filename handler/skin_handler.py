@@ -21,6 +21,9 @@ BUSY_STATUS = HTTPStatus.LOCKED
 # summed over requests, and the requests and batches they cover; bench/serving.py divides them.
 TIMER_METRIC = "Handler{stage}Milliseconds"
 REQUESTS_METRIC, BATCHES_METRIC = "HandlerRequests", "HandlerBatches"
+# X-Skin-Admission on the pass that nginx sends after the client's explanation rate (proxy/nginx.conf's map of
+# $explanation_admission; tests/test_settings.py compares).
+ADMISSION_PASS = "admit"
 
 
 def is_request_rows(data: Any, context: Any) -> bool:
@@ -34,13 +37,15 @@ def is_request_rows(data: Any, context: Any) -> bool:
 
 
 def arrival(context: Any, idx: int) -> Arrival:
-    """The request id and arrival time nginx sends (X-Request-Id, X-Request-Start); without nginx, none and now."""
+    """The request id, arrival time, client and admission pass nginx sends (X-Request-Id, X-Request-Start,
+    X-Skin-Client, X-Skin-Admission); without nginx, none, now, nobody and no admission."""
     headers = {k.lower(): v for k, v in (context.get_all_request_header(idx) or {}).items()}
     try:
         seconds = float(headers.get("x-request-start", ""))
     except ValueError:
         seconds = time.time()
-    return Arrival(str(headers.get("x-request-id", "")), seconds)
+    return Arrival(str(headers.get("x-request-id", "")), seconds, str(headers.get("x-skin-client", "")),
+                   headers.get("x-skin-admission") == ADMISSION_PASS)
 
 
 def record_timings(context: Any, timings: dict[str, float], requests: int) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 
 from PIL import Image
 
-from skinlesion.admission import DeadlinePassed, Ledger, explanation_kind
+from skinlesion.admission import DeadlinePassed, Ledger, clamp_arrival, explanation_kind
 from skinlesion.explain import explanation_payload
 from skinlesion.image import ImageError, decode_image
 from skinlesion.model import CLASS_NAMES
@@ -31,10 +31,6 @@ MAX_INSTANCES = 16
 MAX_EXPLANATIONS_PER_REQUEST = 1
 # The body nginx sends for GET /model (proxy/nginx.conf): answered with the model card, not a prediction.
 MODEL_CARD_REQUEST = {"model_card": True}
-# The body nginx sends when its per-address explanation rate refuses a request the batching pool had already
-# admitted (proxy/nginx.conf @explanation_rate_refused): the admission is released at once, so a client sending
-# beyond its rate holds no other client's explanation back until the deadline.
-RATE_REFUSED_REQUEST = {"explanation_rate_refused": True}
 DATA_URL_PREFIX = re.compile(r"data:image/[A-Za-z0-9.+-]+;base64,")
 WHITESPACE = re.compile(r"\s+")
 
@@ -57,10 +53,14 @@ class PredictRequest:
 
 @dataclass(frozen=True)
 class Arrival:
-    """When and as what a request reached the public door (nginx's $request_id and $msec)."""
+    """When, as what and from whom a request reached the public door (nginx's $request_id, $msec and client), and
+    whether nginx asks for its explanation's admission: it sends an explanation to the batching pool again once
+    the client's explanation rate let it through (proxy/nginx.conf @explain)."""
 
     request_id: str
     seconds: float  # time.time() at arrival
+    client: str = ""
+    admission: bool = False
 
 
 def failure(message: str) -> dict:
@@ -165,14 +165,15 @@ def respond(predictor: Predictor, bodies: list[Any], timings: dict[str, float] |
 
     `timings` (if given) gets the batch's milliseconds spent decoding, preprocessing and in the model.
     `explanations_at` (a path) is where a server that batches plain predictions sends explanation
-    requests: they are answered 307 (repeat this request there) so that none holds a batch back, once the
-    `ledger` (if given) admits them against the explaining workers' deadline, or 503 with the expected wait.
+    requests: they are answered 307 (repeat this request there) so that none holds a batch back; on the pass
+    where nginx asks for admission, once the `ledger` (if given) admits them against the explaining workers'
+    deadline and the client's share, or 503 with the expected wait.
     `deadline` (seconds from arrival, for a server that explains) is when an explanation is given up: one
     picked up later is answered 503 without computing it, and LIME stops between sample batches past it.
     `arrivals` (one per body) say when each request arrived and as what; without them, now.
     """
     start = time.perf_counter()
-    handling_since = time.time()
+    handling_since = time.monotonic()
     arrivals = arrivals or [Arrival("", time.time()) for _ in bodies]
     answers: list[tuple[int, dict] | None] = [None] * len(bodies)
     accepted: list[tuple[int, PredictRequest, Image.Image]] = []
@@ -182,17 +183,12 @@ def respond(predictor: Predictor, bodies: list[Any], timings: dict[str, float] |
             if fields == MODEL_CARD_REQUEST:
                 answers[i] = (200, {"success": True, **predictor.model_card()})
                 continue
-            if fields == RATE_REFUSED_REQUEST:
-                if ledger is not None and arrivals[i].request_id:
-                    ledger.finish(arrivals[i].request_id)
-                answers[i] = (429, failure("too many explanations from this address; retry later"))
-                continue
             request = parse_request(fields)
             if request.explain and explanations_at:
                 kind = explanation_kind(request.method, request.precision)
-                admitting = ledger is not None and arrivals[i].request_id
-                refusal = (ledger.admit(arrivals[i].request_id, kind, arrivals[i].seconds, pool=predictor.arch) if admitting
-                           else None)
+                admitting = ledger is not None and arrivals[i].request_id and arrivals[i].admission
+                refusal = (ledger.admit(arrivals[i].request_id, kind, arrivals[i].seconds, client=arrivals[i].client,
+                                        pool=predictor.arch) if admitting else None)
                 answers[i] = (busy(refusal.message, refusal.retry_after) if refusal else
                               (307, failure(f"explanations are answered at {explanations_at}: send this request there")))
                 continue
@@ -229,12 +225,15 @@ def release(ledger: Ledger | None, explanations_at: str | None, arrival: Arrival
 def explain(predictor: Predictor, image: Image.Image, request: PredictRequest, answer: tuple[int, dict],
             arrival: Arrival, ledger: Ledger | None, deadline: float | None, handling_since: float) -> tuple[int, dict]:
     """The prediction's answer with its explanation added, or the reason there is none. The ledger learns the
-    seconds since `handling_since`, when this worker took the request: what the admission must expect of it."""
+    seconds since `handling_since` (time.monotonic()), when this worker took the request: what the admission must
+    expect of it."""
     kind = explanation_kind(request.method, request.precision)
     # The arrival the admitting worker recorded is the request's first; nginx's header on the replay is later.
     arrived = (ledger.start(arrival.request_id) if ledger and arrival.request_id else None) or arrival.seconds
-    until = arrived + deadline if deadline is not None else None
     started = time.time()
+    arrived = clamp_arrival(arrived, started)
+    until = arrived + deadline if deadline is not None else None
+    computing_since = time.monotonic()
     computed = None
     try:
         if until is not None and started > until:
@@ -245,12 +244,12 @@ def explain(predictor: Predictor, image: Image.Image, request: PredictRequest, a
         label = CLASS_NAMES.index(answer[1]["prediction"])
         log.info("explaining %s (%s)", arrival.request_id or "-", kind)
         answer[1].update(explanation_payload(predictor, image, label, request.method, request.precision, until=until))
-        log.info("explained %s (%s) in %.2f s", arrival.request_id or "-", kind, time.time() - started)
-        computed = time.time() - handling_since
+        log.info("explained %s (%s) in %.2f s", arrival.request_id or "-", kind, time.monotonic() - computing_since)
+        computed = time.monotonic() - handling_since
         return answer
     except DeadlinePassed:
         log.warning("explanation %s (%s) stopped at its deadline after %.2f s", arrival.request_id or "-", kind,
-                    time.time() - started)
+                    time.monotonic() - computing_since)
         return past_deadline(f"this explanation did not finish within the {deadline:g} s an explanation may take (it "
                              f"waited {started - arrived:.0f} s)", deadline)
     except Exception:

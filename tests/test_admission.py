@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import json
+import logging
+import math
 import os
-import re
+import sqlite3
 import subprocess
 import sys
 import time
@@ -12,8 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from skinlesion.admission import FIRST_GUESS_SECONDS, RECENT_DURATIONS, Ledger, explanation_kind
-from tests.conftest import ROOT
+from skinlesion.admission import (
+    CLIENT_SHARE,
+    FIRST_GUESS_SECONDS,
+    LOCK_WAIT_SECONDS,
+    RECENT_DURATIONS,
+    Ledger,
+    explanation_kind,
+)
 
 
 @pytest.fixture
@@ -138,7 +145,7 @@ def test_the_admitting_server_refuses_at_once_with_the_wait(predictor, fullres_i
     ledger.register_worker(deadline=3.0, pool=predictor.arch)
     now = time.time()
     answers = respond(predictor, [lesion_body(fullres_images)] * 3, explanations_at="/explain",
-                      arrivals=[Arrival(f"r{i}", now) for i in range(3)], ledger=ledger)
+                      arrivals=[Arrival(f"r{i}", now, admission=True) for i in range(3)], ledger=ledger)
     # One worker, Low guessed at 2 s, 3 s deadline: the first fits, the next two would not.
     assert [status for status, _ in answers] == [307, 503, 503]
     assert answers[1][1]["retry_after"] >= 1 and "explanations are busy: 1 ahead" in answers[1][1]["error"]
@@ -155,7 +162,7 @@ def test_an_explanation_picked_up_past_its_deadline_is_not_computed(predictor, f
     ledger = Ledger(tmp_path / "ledger.sqlite")
     ledger.register_worker(deadline=5.0, pool=predictor.arch)
     with ledger.connect() as db:  # admitted 6 s ago by the batching server
-        db.execute("INSERT INTO admitted VALUES (?, ?, ?)", ("old", "Low", time.time() - 6.0))
+        db.execute("INSERT INTO admitted VALUES (?, ?, ?, '')", ("old", "Low", time.time() - 6.0))
     [(status, answer)] = respond(predictor, [lesion_body(fullres_images)], arrivals=[Arrival("old", time.time())],
                                  ledger=ledger, deadline=5.0)
     # The admitting worker's arrival (6 s ago) counts, not the later one of the replay.
@@ -173,7 +180,7 @@ def test_an_explanation_answered_with_an_error_before_it_starts_stops_counting(p
     ledger.register_worker(deadline=60.0, pool=predictor.arch)
     with ledger.connect() as db:  # both admitted by the batching server; each would count for 60 s
         for request_id in ("undecodable", "model failed", "still waiting"):
-            db.execute("INSERT INTO admitted VALUES (?, ?, ?)", (request_id, "Low", time.time()))
+            db.execute("INSERT INTO admitted VALUES (?, ?, ?, '')", (request_id, "Low", time.time()))
     body = lesion_body(fullres_images)
     [(status, _)] = respond(predictor, [{**body, "image": base64.b64encode(b"not an image").decode()}],
                             arrivals=[Arrival("undecodable", time.time())], ledger=ledger, deadline=60.0)
@@ -183,31 +190,6 @@ def test_an_explanation_answered_with_an_error_before_it_starts_stops_counting(p
                             deadline=60.0)
     assert status == 500
     assert admitted(ledger) == {"still waiting"}
-
-
-def test_an_explanation_the_rate_refuses_after_its_admission_stops_counting(predictor, fullres_images,
-                                                                          tmp_path: Path) -> None:
-    from skinlesion.service import RATE_REFUSED_REQUEST, Arrival, respond
-
-    ledger = Ledger(tmp_path / "ledger.sqlite")
-    ledger.register_worker(deadline=60.0, pool=predictor.arch)
-    [(status, _)] = respond(predictor, [lesion_body(fullres_images)], explanations_at="/explain",
-                            arrivals=[Arrival("over the rate", time.time())], ledger=ledger)
-    assert status == 307 and admitted(ledger) == {"over the rate"}
-    # nginx's rate then refuses the replay and sends the batching pool this body with the same request id.
-    [(status, answer)] = respond(predictor, [RATE_REFUSED_REQUEST], explanations_at="/explain",
-                                 arrivals=[Arrival("over the rate", time.time())], ledger=ledger)
-    assert status == 429 and answer["success"] is False
-    assert admitted(ledger) == set()
-
-
-def test_nginx_releases_a_rate_refused_explanation_with_the_body_the_handler_knows() -> None:
-    from skinlesion.service import RATE_REFUSED_REQUEST
-
-    conf = (ROOT / "proxy" / "nginx.conf").read_text()
-    location = re.search(r"location @explanation_rate_refused \{.*?proxy_set_body '([^']*)';", conf, re.S)
-    assert json.loads(location[1]) == RATE_REFUSED_REQUEST
-    assert re.search(r"location @explain \{[^}]*error_page 429 = @explanation_rate_refused;", conf)
 
 
 def test_lime_stops_between_batches_at_the_deadline(predictor, fullres_images, tmp_path: Path,
@@ -236,3 +218,170 @@ def test_lime_stops_between_batches_at_the_deadline(predictor, fullres_images, t
     assert len(batches) == 2
     with ledger.connect() as db:
         assert db.execute("SELECT COUNT(*) FROM durations").fetchone()[0] == 0  # stopped work is not a duration
+
+
+def test_the_first_pass_of_an_explanation_is_sent_on_without_admission(predictor, fullres_images, tmp_path: Path) -> None:
+    from skinlesion.service import Arrival, respond
+
+    # The pass before nginx's per-client explanation rate: admitting here would let a client over its rate hold
+    # places it never uses.
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    ledger.register_worker(deadline=3.0, pool=predictor.arch)
+    answers = respond(predictor, [lesion_body(fullres_images)] * 3, explanations_at="/explain",
+                      arrivals=[Arrival(f"r{i}", time.time(), "client") for i in range(3)], ledger=ledger)
+    assert [status for status, _ in answers] == [307] * 3 and admitted(ledger) == set()
+
+
+def test_one_client_takes_at_most_its_share_and_another_still_finds_room(ledger: Ledger) -> None:
+    # Two workers, Low at 2 s, deadline 10 s: one client's queue may reach CLIENT_SHARE (5 s) with the margin.
+    assert CLIENT_SHARE == 0.5
+    # A client's first explanation is judged by the whole queue only, even one that alone needs more than the share.
+    assert ledger.admit("c0", "Medium", 100.0, client="c", now=100.0) is None
+    ledger.finish("c0")
+    mine = [ledger.admit(f"a{i}", "Low", 100.0, client="a", now=100.0) is None for i in range(5)]
+    assert mine == [True, True, True, False, False]
+    refusal = ledger.admit("a9", "Low", 100.0, client="a", now=100.0)
+    assert "3 of yours ahead" in refusal.message and refusal.retry_after >= 1
+    assert ledger.admit("b0", "Low", 100.0, client="b", now=100.0) is None
+    assert admitted(ledger) == {"a0", "a1", "a2", "b0"}  # refusals leave nothing behind
+
+
+def test_arrivals_in_the_future_or_not_numbers_expire_like_any_other(ledger: Ledger) -> None:
+    for request_id, arrival in (("nan", math.nan), ("inf", math.inf), ("1e12", 1e12)):
+        assert ledger.admit(request_id, "Low", arrival, now=100.0) is None
+    with ledger.connect() as db:
+        assert {a for (a,) in db.execute("SELECT arrival FROM admitted")} == {100.0}
+    # Past the deadline (10 s) they are gone.
+    assert ledger.admit("honest", "Low", 111.0, now=111.0) is None
+    assert admitted(ledger) == {"honest"}
+
+
+def test_admissions_from_before_the_clock_stepped_back_stop_counting(ledger: Ledger) -> None:
+    for i in range(7):
+        assert ledger.admit(f"r{i}", "Low", 5000.0, now=5000.0) is None
+    assert ledger.admit("after the step", "Low", 1400.0, now=1400.0) is None  # an hour earlier
+    assert admitted(ledger) == {"after the step"}
+
+
+def test_the_latest_durations_count_after_the_clock_steps_back(ledger: Ledger, monkeypatch: pytest.MonkeyPatch) -> None:
+    for i in range(RECENT_DURATIONS):
+        ledger.finish(f"old{i}", "Medium", seconds=100.0)
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() - 3600)
+    for i in range(RECENT_DURATIONS):
+        ledger.finish(f"new{i}", "Medium", seconds=1.0)
+    with ledger.connect() as db:
+        assert ledger.expected_seconds(db, "Medium") == 1.0
+
+
+def test_durations_are_measured_on_a_monotonic_clock(predictor, fullres_images, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import skinlesion.service
+    from skinlesion.service import Arrival, respond
+
+    real = time.time
+
+    def clock_steps_back_an_hour(*args, **kwargs) -> dict:
+        monkeypatch.setattr(time, "time", lambda: real() - 3600)
+        return {}
+
+    monkeypatch.setattr(skinlesion.service, "explanation_payload", clock_steps_back_an_hour)
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    [(status, _)] = respond(predictor, [lesion_body(fullres_images)], arrivals=[Arrival("r", real())],
+                            ledger=ledger, deadline=60.0)
+    assert status == 200
+    with ledger.connect() as db:
+        assert 0 < ledger.expected_seconds(db, "Low") < 60
+
+
+def test_an_arrival_claimed_in_the_future_does_not_postpone_the_deadline(predictor, fullres_images, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import skinlesion.service
+    from skinlesion.service import Arrival, respond
+
+    untils = []
+    monkeypatch.setattr(skinlesion.service, "explanation_payload", lambda *a, until=None, **k: untils.append(until) or {})
+    for claimed in (1e12, math.inf, math.nan):
+        before = time.time()
+        [(status, _)] = respond(predictor, [lesion_body(fullres_images)], arrivals=[Arrival("r", claimed)],
+                                ledger=Ledger(tmp_path / "ledger.sqlite"), deadline=60.0)
+        assert status == 200 and before + 60.0 <= untils[-1] <= time.time() + 60.0
+
+
+def test_a_worker_whose_pid_was_reused_is_not_counted(ledger: Ledger) -> None:
+    with ledger.connect() as db:
+        assert ledger.workers(db) == (2, 10.0)
+        # The same pid, another process: the one that registered ended and a new one was given its pid.
+        db.execute("UPDATE workers SET started = started - 1 WHERE pid = ?", (os.getpid(),))
+        assert ledger.workers(db) == (1, 10.0)
+
+
+def test_a_deleted_ledger_is_made_anew(ledger: Ledger) -> None:
+    assert ledger.admit("before", "Low", 100.0, now=100.0) is None
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{ledger.path}{suffix}").unlink(missing_ok=True)
+    assert ledger.admit("after", "Low", 100.0, now=100.0) is None
+    assert ledger.start("after") is None  # no worker registered: admitted without a record
+    ledger.finish("after", "Low", 1.0)
+    ledger.register_worker(deadline=10.0)
+    assert ledger.admit("counted", "Low", 100.0, now=100.0) is None and admitted(ledger) == {"counted"}
+
+
+def test_a_file_that_is_not_a_database_is_moved_aside(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "ledger.sqlite"
+    path.write_bytes(b"not a database, " * 1000)
+    ledger = Ledger(path)
+    ledger.register_worker(deadline=10.0)
+    assert ledger.admit("r", "Low", 100.0, now=100.0) is None and admitted(ledger) == {"r"}
+    [aside] = tmp_path.glob("ledger.sqlite.bad-*")
+    assert aside.read_bytes().startswith(b"not a database") and "is unusable" in caplog.text
+
+
+def test_an_unusable_ledger_admits_and_says_so(predictor, fullres_images, tmp_path: Path,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    from skinlesion.service import Arrival, respond
+
+    (tmp_path / "not a folder").write_text("")
+    ledger = Ledger(tmp_path / "not a folder" / "ledger.sqlite")  # cannot be created, as in a read-only folder
+    ledger.register_worker(deadline=10.0, pool=predictor.arch)  # what a worker's initialize does
+    plain, explain = {"image": lesion_body(fullres_images)["image"]}, lesion_body(fullres_images)
+    answers = respond(predictor, [plain, explain, plain], explanations_at="/explain",
+                      arrivals=[Arrival(f"r{i}", time.time(), "c", admission=True) for i in range(3)], ledger=ledger)
+    assert [status for status, _ in answers] == [200, 307, 200]
+    [(status, _)] = respond(predictor, [{**explain, "method": "gradcam"}], arrivals=[Arrival("r1", time.time())],
+                            ledger=ledger, deadline=60.0)
+    assert status == 200
+    assert "r1 admitted without it" in caplog.text and "not registered" in caplog.text
+
+
+def test_a_held_lock_admits_within_the_lock_wait(ledger: Ledger, caplog: pytest.LogCaptureFixture) -> None:
+    holder = sqlite3.connect(ledger.path, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        started = time.monotonic()
+        assert ledger.admit("r", "Low", 100.0, now=100.0) is None
+        ledger.finish("r", "Low", 1.0)
+        assert time.monotonic() - started < 2 * LOCK_WAIT_SECONDS + 1
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert "database is locked" in caplog.text and admitted(ledger) == set()
+
+
+def test_a_new_file_locked_while_it_is_switched_to_wal_still_serves(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "ledger.sqlite"
+    ledger = Ledger(path)
+    with ledger.connect() as db:  # made, then back to a rollback journal: as a file another worker just created
+        db.execute("PRAGMA journal_mode=DELETE")
+    reader = sqlite3.connect(path, isolation_level=None)
+    reader.execute("BEGIN")
+    reader.execute("SELECT COUNT(*) FROM workers").fetchone()  # a read lock: WAL cannot be switched on now
+    try:
+        with caplog.at_level(logging.INFO), ledger.connect() as db:
+            assert ledger.workers(db) == (0, None)
+    finally:
+        reader.execute("ROLLBACK")
+        reader.close()
+    assert "not switched to WAL" in caplog.text
+    with ledger.connect() as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
