@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pwd
 import random
 import shutil
 import signal
@@ -34,14 +35,19 @@ NGINX_TEMPLATE = ROOT / "proxy" / "nginx.conf"
 MODELS = TORCHSERVE_MODELS
 
 
-def render_nginx_conf(listen: str, upstreams: list[str], run_dir: Path, log_dir: Path) -> str:
-    """proxy/nginx.conf with its ${VARIABLES} filled in, as the nginx image's envsubst would."""
+def render_nginx_conf(listen: str, upstreams: list[str], run_dir: Path, log_dir: Path, user: str,
+                      page_listen: str | None = None) -> str:
+    """proxy/nginx.conf with its ${VARIABLES} filled in, as the nginx image's envsubst would; `user` runs the
+    workers (where nginx starts as root); `page_listen` (none in the local run) is the page's own address, where
+    nginx takes the page's word for who its user is."""
     values = {
+        "NGINX_USER": user,
         "NGINX_LISTEN": listen,
+        "NGINX_PAGE_LISTEN": f"listen {page_listen};" if page_listen else "",
+        "NGINX_PAGE_PORT": page_listen.rsplit(":", 1)[-1] if page_listen else "",
         "NGINX_RUN_DIR": str(run_dir),
         "NGINX_LOG_DIR": str(log_dir),
         "TORCHSERVE_SERVERS": "\n        ".join(f"server {u} max_fails=1 fail_timeout=5s;" for u in upstreams),
-        "TORCHSERVE_EXPLAIN_SERVERS": "\n        ".join(f"server {u} max_fails=0;" for u in upstreams),
     }
     text = NGINX_TEMPLATE.read_text()
     for name, value in values.items():
@@ -168,12 +174,15 @@ def stop_torchserve(run_dir: Path) -> None:
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
 
 
-def start_nginx(run_dir: Path, listen: str, upstreams: list[str]) -> Path:
+def start_nginx(run_dir: Path, listen: str, upstreams: list[str], page_listen: str | None = None) -> Path:
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
     conf = run_dir / "nginx.conf"
     log_dir = run_dir / "nginx"
     log_dir.mkdir(parents=True, exist_ok=True)
-    conf.write_text(render_nginx_conf(listen, upstreams, run_dir, log_dir))
+    # The workers run as the run folder's owner, as they write request bodies there: pytest's folders are private
+    # to their owner, and as root nginx's default user ("nobody") could not reach them.
+    owner = pwd.getpwuid(run_dir.stat().st_uid).pw_name
+    conf.write_text(render_nginx_conf(listen, upstreams, run_dir, log_dir, owner, page_listen))
     command = [nginx, "-c", str(conf), "-e", str(log_dir / "error.log")]
     # Restarting TorchServe alone leaves nginx up: reload its configuration instead of a second bind.
     subprocess.run(command + (["-s", "reload"] if nginx_running(run_dir) else []), check=True)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import urllib.parse
+import uuid
 
 import altair as alt
 import pandas as pd
@@ -35,8 +37,14 @@ def classify(image: bytes, explain: bool, method: str, precision: str, on_busy) 
     """The server's envelope; the latest successful answers are kept for the session so reruns don't ask again."""
     key = (API_URL, hashlib.sha1(image).hexdigest(), explain, method if explain else "", precision if explain else "")
     cache = st.session_state.setdefault("answers", AnswerCache(CACHED_ANSWERS))
-    return cache.get(key) or cache.put(key, post_predict(API_URL, image, explain=explain, precision=precision,
+    return cache.get(key) or cache.put(key, post_predict(user_url(API_URL), image, explain=explain, precision=precision,
                                                          method=method, on_busy=on_busy))
+
+
+def user_url(url: str) -> str:
+    """The API URL naming this browser session's user: every page user reaches nginx from the page's one address,
+    so on the page's own port nginx keys its per-client limits on this instead (docker-compose.yml)."""
+    return f"{url}?{urllib.parse.urlencode({'user': st.session_state.setdefault('user', uuid.uuid4().hex)})}"
 
 
 @st.cache_data(ttl=60, show_spinner=False)

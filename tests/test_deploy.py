@@ -77,11 +77,16 @@ def test_compose_file_follows_the_compose_specification() -> None:
 def test_compose_publishes_only_the_proxy_and_the_page() -> None:
     services = load_compose()["services"]
     assert "ports" not in services["torchserve"]
-    assert services["proxy"]["ports"] == ["8089:8089"] and services["frontend"]["ports"] == ["8501:8501"]
+    # On the host's loopback interface unless the file is changed to publish them.
+    assert services["proxy"]["ports"] == ["127.0.0.1:8089:8089"] and services["frontend"]["ports"] == ["127.0.0.1:8501:8501"]
+    assert all({"cpus", "memory"} <= set(service["deploy"]["resources"]["limits"]) for service in services.values())
     assert services["torchserve"]["deploy"]["replicas"] >= 2
     assert all("test" in service["healthcheck"] for service in services.values())
     assert services["proxy"]["depends_on"]["torchserve"]["condition"] == "service_healthy"
-    assert services["frontend"]["environment"]["SKIN_API_URL"] == "http://proxy:8089/predict"
+    # The page reaches nginx on its own port, which is not published: only there does nginx take its word for its user.
+    page_port = services["proxy"]["environment"]["NGINX_PAGE_PORT"]
+    assert services["frontend"]["environment"]["SKIN_API_URL"] == f"http://proxy:{page_port}/predict"
+    assert not any(port.endswith(f":{page_port}") for port in services["proxy"]["ports"])
     assert services["proxy"]["volumes"] == ["./proxy/nginx.conf:/etc/nginx/templates/nginx.conf.template:ro"]
     assert load_compose({"MODEL": "resnet18"})["services"]["torchserve"]["environment"]["MODEL"] == "resnet18"
     assert load_compose()["services"]["torchserve"]["environment"]["MODEL"] == "resnet34"
@@ -104,19 +109,23 @@ def test_proxy_config_is_the_local_template_and_passes_nginx_t(tmp_path: Path) -
     rendered = render_as_nginx_image(ROOT / "proxy" / "nginx.conf", environment)
     upstream = re.fullmatch(r"server (\S+) max_fails=1 fail_timeout=5s;", environment["TORCHSERVE_SERVERS"])
     assert upstream, environment["TORCHSERVE_SERVERS"]
-    assert environment["TORCHSERVE_EXPLAIN_SERVERS"] == f"server {upstream[1]} max_fails=0;"
+    page_listen = re.fullmatch(r"listen (\d+);", environment["NGINX_PAGE_LISTEN"])[1]
     assert rendered == serve.render_nginx_conf(environment["NGINX_LISTEN"], [upstream[1]], Path(environment["NGINX_RUN_DIR"]),
-                                               Path(environment["NGINX_LOG_DIR"]))
+                                               Path(environment["NGINX_LOG_DIR"]), environment["NGINX_USER"], page_listen)
     assert "$request_method" in rendered and not re.findall(r"^[^#]*\$\{", rendered, re.MULTILINE)
 
-    # nginx -t with the container's paths and names: a private mount namespace gets a tmpfs /var with the
-    # image's folders, and an /etc/hosts where the compose service names resolve.
+    # nginx -t with the container's paths, names and user: a private mount namespace gets a tmpfs /var with the
+    # image's folders, an /etc/hosts where the compose service names resolve, and the image's nginx user (101).
     conf = tmp_path / "nginx.conf"
     conf.write_text(rendered)
     hosts = tmp_path / "hosts"
     hosts.write_text("127.0.0.1 localhost " + " ".join(load_compose()["services"]) + "\n")
+    user = environment["NGINX_USER"]
+    (tmp_path / "passwd").write_text(Path("/etc/passwd").read_text() + f"{user}:x:101:101::/nonexistent:/bin/false\n")
+    (tmp_path / "group").write_text(Path("/etc/group").read_text() + f"{user}:x:101:\n")
     folders = " ".join({environment["NGINX_RUN_DIR"], environment["NGINX_LOG_DIR"]})
-    script = f"mount -t tmpfs tmpfs /var && mkdir -p {folders} && mount --bind {hosts} /etc/hosts && exec nginx -t -c {conf}"
+    accounts = " && ".join(f"mount --bind {tmp_path / name} /etc/{name}" for name in ("hosts", "passwd", "group"))
+    script = f"mount -t tmpfs tmpfs /var && mkdir -p {folders} && {accounts} && exec nginx -t -c {conf}"
     unshare = ["unshare", "--mount", "--propagation", "private"]
     if os.geteuid() != 0:
         unshare.insert(1, "--map-root-user")
@@ -276,11 +285,11 @@ def test_an_explanation_refused_by_one_instance_neither_ejects_it_nor_is_replaye
     assert requests.put(f"{management}?min_worker=0&max_worker=0&synchronous=true", timeout=120).status_code == 200
     try:
         explain = {"image": image_b64, "explain": True, "method": "gradcam"}
-        statuses = [requests.post(f"{scaled_out.url}/predict", json=explain, timeout=120).status_code for _ in range(6)]
-        # Round robin: half reach the refusing instance and come back 503, none replayed on the other one.
-        assert statuses.count(503) == 3 and statuses.count(200) == 3, statuses
+        statuses = [requests.post(f"{scaled_out.url}/predict", json=explain, timeout=120).status_code for _ in range(12)]
+        # Spread by request id: those on the refusing instance come back 503, none replayed on the other one.
+        assert set(statuses) == {200, 503}, statuses
         served = refusing.inference_requests()
-        for _ in range(6):  # within fail_timeout (5 s) of those 503s
+        for _ in range(12):  # within fail_timeout (5 s) of those 503s
             assert requests.post(f"{scaled_out.url}/predict", json={"image": image_b64}, timeout=60).status_code == 200
         assert refusing.inference_requests() > served, "the instance was ejected from plain predictions"
     finally:

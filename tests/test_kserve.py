@@ -41,6 +41,17 @@ def test_inference_service_uses_the_torchserve_runtime_with_v1() -> None:
     assert f"--ts-config={MOUNT}/config/config.properties" in model["args"]
 
 
+def test_the_pod_is_probed_limited_and_writes_its_temp_folder_to_a_volume() -> None:
+    spec = yaml.safe_load((KSERVE / "inferenceservice.yaml").read_text())["spec"]["predictor"]
+    model = spec["model"]
+    assert model["livenessProbe"]["httpGet"]["path"] == "/ping" and model["livenessProbe"]["initialDelaySeconds"] >= 180
+    assert {"cpu", "memory"} <= set(model["resources"]["limits"])
+    # The explanation ledger (skinlesion.admission.default_ledger_path) and the unpacked archives live in TMPDIR.
+    [mount] = [m for m in model["volumeMounts"] if m["mountPath"] == "/tmp"]
+    assert [v for v in spec["volumes"] if v["name"] == mount["name"]] == [{"name": mount["name"],
+                                                                        "emptyDir": {"sizeLimit": "1Gi"}}]
+
+
 def test_kserve_config_keeps_the_local_settings() -> None:
     local, kserve = properties(ROOT / "config.properties"), properties(KSERVE / "config" / "config.properties")
     shared = {key: value for key, value in local.items() if key not in KSERVE_ONLY}

@@ -10,6 +10,7 @@ import sys
 
 import yaml
 
+from handler.skin_handler import ADMISSION_PASS
 from skinlesion import options
 from skinlesion.explain import PRECISION_SETTINGS
 from skinlesion.model import ARCHITECTURES
@@ -27,10 +28,12 @@ def test_the_explanation_path_agrees_in_the_model_configs_and_nginx() -> None:
         settings = yaml.safe_load((ROOT / "handler" / config).read_text())["handler"]
         assert settings["explanations_at"] == options.EXPLAIN_PATH
     conf = (ROOT / "proxy" / "nginx.conf").read_text()
-    assert re.search(r"location @explain \{[^}]*rewrite \^ (\S+) break;", conf)[1] == options.EXPLAIN_PATH
-    # A rate-refused explanation is released on the batching pool that admitted it: /predict's own path.
+    assert re.search(r"location @explained \{[^}]*rewrite \^ (\S+) break;", conf)[1] == options.EXPLAIN_PATH
+    # An explanation is admitted by the batching pool, /predict's own path, on the pass nginx marks as admission.
     batching_path = re.search(r"location = /predict \{.*?proxy_pass http://torchserve(\S+);", conf, re.S)[1]
-    assert re.search(r"location @explanation_rate_refused \{.*?rewrite \^ (\S+) break;", conf, re.S)[1] == batching_path
+    assert re.search(r"location @explain \{[^}]*rewrite \^ (\S+) break;", conf)[1] == batching_path
+    marked = re.search(r"map \$uri \$explanation_admission \{\s*volatile;\s*(\S+) (\S+);\s*default \"\";", conf)
+    assert (marked[1], marked[2]) == (batching_path, ADMISSION_PASS)
 
 
 def test_archive_sh_builds_every_model_and_version() -> None:
