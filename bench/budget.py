@@ -5,12 +5,13 @@
 Starts its own service (free loopback ports, archives from model_store/), then sends each case: a 600x450
 lesion photo (the reference), and requests of at most 15 MB that claim far more than a photo needs (huge
 solid-colour images, a 16-bit and a transparent palette image, a JPEG at the pixel limit, a TIFF of many
-pages), plainly and with explanations. Before each request the peak resident memory of every TorchServe
-worker is reset (/proc/PID/clear_refs, root only); after it, the largest peak is read (VmHWM). The table
-gives per case: body size, HTTP status, median wall time, its ratio to the reference request of the same
-kind, and the peak worker memory. Targets (issue: bounded work per request): at most 1.5 GB resident and
-at most 3x the reference's time; for a body over 10 MB the reference is at least the time a body of that
-size takes to send and parse (measured first, a 14.7 MB body of zeros). Exit status 1 when a case misses.
+pages, progressive JPEGs at and far over the scan limit), plainly and with explanations. Before each request
+the peak resident memory of every TorchServe worker is reset (/proc/PID/clear_refs, root only); after it, the
+largest peak is read (VmHWM). The table gives per case: body size, HTTP status, median wall time, its ratio
+to the reference request of the same kind, and the peak worker memory. Targets (issue: bounded work per
+request): at most 1.5 GB resident and at most 3x the reference's time; for a body over 10 MB the reference is
+at least the time a body of that size takes to send and parse (measured first, a 14.7 MB body of zeros). Exit
+status 1 when a case misses.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import base64
 import http.client
 import io
 import json
+import re
 import statistics
 import struct
 import sys
@@ -34,6 +36,7 @@ from PIL import Image
 
 import serve
 from bench.load import DATA, client_address, started_service
+from skinlesion.image import END_OF_ENTROPY_CODED_DATA, MAX_JPEG_SCANS
 
 MEMORY_LIMIT_BYTES = 1.5 * 2**30
 TIME_RATIO_LIMIT = 3.0
@@ -68,6 +71,16 @@ def many_page_tiff(pages: int, side: int = 16) -> bytes:
     return bytes(out)
 
 
+def progressive_scan_bomb(side: int, scans: int) -> bytes:
+    """A side x side progressive JPEG of `scans` scans: libjpeg's script for a solid colour, its first AC scan
+    (the luminance's, some 30 bytes with the tables before it) repeated. Every scan makes libjpeg pass over all
+    the luminance's coefficients again: 1.2 ms at 4096x4096 here."""
+    data = encoded(Image.new("RGB", (side, side), (190, 120, 100)), "JPEG", progressive=True, quality=50)
+    starts = [found.start() for found in re.finditer(rb"\xff\xda", data)]  # SOS: no other bytes of this file match
+    dc_end, ac_end = (END_OF_ENTROPY_CODED_DATA.search(data, start + 2).start() for start in starts[:2])
+    return data[:ac_end] + data[dc_end:ac_end] * (scans - len(starts)) + data[ac_end:]
+
+
 def cases(photo: bytes) -> list[tuple[str, bytes, str]]:
     """(name, image bytes, kind) for every case; the first of each kind is its reference."""
     jpeg_side, lossless_side = (8600, 5800), (3450, 2300)  # 49.9 MP and 7.9 MP: just under the limits
@@ -81,6 +94,8 @@ def cases(photo: bytes) -> list[tuple[str, bytes, str]]:
         "7.9 MP palette PNG, transparent": encoded(palette, "PNG", transparency=0),
         "49.9 MP solid PNG (refused)": encoded(Image.new("RGB", jpeg_side, (190, 120, 100)), "PNG"),
         "TIFF of 130,000 pages (refused)": many_page_tiff(130_000),
+        f"16 MP JPEG of {MAX_JPEG_SCANS} scans": progressive_scan_bomb(4096, MAX_JPEG_SCANS),
+        "16 MP JPEG of 20,000 scans (refused)": progressive_scan_bomb(4096, 20_000),
     }
     plain = [(name, data, "plain") for name, data in images.items()]
     explained = [(name, images[name], kind) for kind in ("gradcam", "lime Low")

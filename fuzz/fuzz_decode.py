@@ -32,7 +32,8 @@ with atheris.instrument_imports(include=["PIL", "skinlesion"]):
     from PIL import Image
 
     Image.init()  # Pillow imports its format plugins lazily: import them now, so they are instrumented too
-    from skinlesion.image import ImageError, decode_image
+    from bench.budget import progressive_scan_bomb  # not instrumented: only PIL and skinlesion are
+    from skinlesion.image import MAX_JPEG_SCANS, ImageError, decode_image
     from skinlesion.service import RequestError, parse_request
 
 PHOTOS = Path(os.environ.get("SKIN_DATA_DIR", ROOT.parent / "shared" / "data")) / "ham10000-fullres"
@@ -76,6 +77,12 @@ def seeds() -> dict[str, bytes]:
         "photo.tif": encode(base, "TIFF", compression="tiff_lzw"),
         "float.tif": encode(base.convert("F"), "TIFF"),
         "pages.tif": encode(base, "TIFF", save_all=True, append_images=[base.rotate(90)]),
+        "unit-float.tif": encode(Image.linear_gradient("L").resize((48, 36)).point(lambda v: v / 255, "F"), "TIFF"),
+        "lab.tif": encode(base.convert("LAB"), "TIFF"),
+        "key-colour.png": encode(base.convert("L"), "PNG", transparency=0),
+        "mpo.jpg": encode(base, "MPO", save_all=True, append_images=[base.convert("L").convert("RGB")]),
+        "scans-at-limit.jpg": progressive_scan_bomb(48, MAX_JPEG_SCANS),
+        "scan-bomb.jpg": progressive_scan_bomb(48, MAX_JPEG_SCANS + 1),
     }
     bodies = {
         f"body-{name}.json": json.dumps({"image": base64.b64encode(data).decode(), "explain": i % 2 == 0,

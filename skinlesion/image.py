@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import io
 import math
+import re
 import struct
+import time
 import warnings
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, UnidentifiedImageError
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
@@ -25,6 +27,21 @@ MIN_IMAGE_SIDE = 16
 # (JPEG's 1/2-1/8 DCT scaling) or reduced by a whole factor, to a longer side from this to twice this. The
 # largest thing made from a photo is the 1024-px explanation PNG; the model reads 144 px.
 DECODED_MIN_SIDE = 1024
+# Decoding work that the pixel limits do not bound, refused by structure before decoding. Each scan of a
+# progressive JPEG passes over every coefficient again, 1.2 ms a scan at 16 MP here, and a 15 MB body holds
+# 450,000 one-block scans: minutes. Encoders write about 10 (libjpeg's default script) and no camera over 20;
+# libtiff refuses JPEG-in-TIFF strips of over 100 scans for the same reason.
+MAX_JPEG_SCANS = 100
+# Pillow walks a JPEG's header segments (and the padding bytes between them) and a PNG's chunks in Python,
+# 0.3-3 us each: 15 MB of empty ones took 3-6 s. A photo has tens of segments; a 15 MB PNG written in
+# libpng's 8 kB IDAT chunks about 2,000 chunks.
+MAX_SEGMENTS = 10_000
+# The backstop for the work nothing above foresees: decoding stops at its next read of the upload once it has
+# used this much CPU time (the worst accepted file, a 50 MP progressive JPEG of 100 scans, takes 0.5 s here).
+# Pillow hands a decoder 64 kB at a time, which can be 1.4 s of scans at 16 MP; blocks of 16 kB stop it within
+# a quarter of that and cost 2% more time on a 13 MB JPEG.
+MAX_DECODE_CPU_SECONDS = 1.0
+DECODE_BLOCK_BYTES = 16_384
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -33,20 +50,39 @@ class ImageError(ValueError):
     """The bytes are not an image this service accepts; the message is meant for the user."""
 
 
+class CpuBudgetedUpload(io.BytesIO):
+    """The upload as the file Pillow decodes from, refusing every read after `seconds` of this thread's CPU
+    time. Pillow parses headers and feeds its decoders a block at a time, so a decode that runs long stops
+    within a block's work; WebP, and a TIFF that libtiff decodes, are read whole in one call."""
+
+    def __init__(self, data: bytes, seconds: float) -> None:
+        super().__init__(data)
+        self.deadline = time.thread_time() + seconds
+
+    def read(self, size: int | None = -1, /) -> bytes:
+        if time.thread_time() > self.deadline:
+            raise ImageError(f"decoding the image took over {MAX_DECODE_CPU_SECONDS:g} s of CPU time; send a plain photo")
+        return super().read(size)
+
+
 def decode_image(data: bytes) -> Image.Image:
     """Decode JPEG/PNG/WebP/BMP/TIFF bytes into an upright RGB image, or raise ImageError."""
     if not data:
         raise ImageError("the image is empty (0 bytes)")
+    check_structure(data)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+            image = Image.open(CpuBudgetedUpload(data, MAX_DECODE_CPU_SECONDS), formats=ACCEPTED_FORMATS)
             width, height = image.size
+            # An MPO is a JPEG followed by more images (a phone's depth map, HDR gain map or second view):
+            # its first image is the photo, and the only one decoded.
+            jpeg = image.format in ("JPEG", "MPO")
             if width * height > MAX_IMAGE_PIXELS:
                 raise ImageError(
                     f"the image is {width}x{height} pixels; at most {MAX_IMAGE_PIXELS:,} pixels are accepted"
                 )
-            if image.format != "JPEG" and width * height > MAX_FULL_DECODE_PIXELS:
+            if not jpeg and width * height > MAX_FULL_DECODE_PIXELS:
                 raise ImageError(
                     f"the {image.format} image is {width}x{height} pixels; at most {MAX_FULL_DECODE_PIXELS:,} pixels are "
                     f"accepted in {image.format} (JPEG up to {MAX_IMAGE_PIXELS:,}): downscale it or send a JPEG"
@@ -54,14 +90,18 @@ def decode_image(data: bytes) -> Image.Image:
             if min(width, height) < MIN_IMAGE_SIDE:
                 raise ImageError(f"the image is {width}x{height} pixels; each side needs at least {MIN_IMAGE_SIDE}")
             # is_animated reads the first frame's header only; n_frames walks every page, quadratically in Pillow.
-            if getattr(image, "is_animated", False):
+            if image.format != "MPO" and getattr(image, "is_animated", False):
                 raise ImageError("animated or multi-page images are not accepted; send a single frame")
-            if image.format == "JPEG" and max(width, height) >= 2 * DECODED_MIN_SIDE:
+            # Pillow decodes RLE-compressed BMP (BI_RLE8 and BI_RLE4: a palette format no camera writes) in
+            # Python, pixel by pixel: 15 MB of one-pixel runs take 2.4 s, 70 kB of RLE4 runs 0.5 s.
+            if image.format == "BMP" and image.info.get("compression") in (1, 2):
+                raise ImageError("RLE-compressed BMP is not accepted; send an uncompressed BMP, a PNG or a JPEG")
+            if jpeg and max(width, height) >= 2 * DECODED_MIN_SIDE:
                 scale = DECODED_MIN_SIDE / max(width, height)
                 image.draft(None, (math.ceil(width * scale), math.ceil(height * scale)))
+            image.decodermaxblock = DECODE_BLOCK_BYTES
             image.load()
-            image = ImageOps.exif_transpose(image)
-            return to_rgb(image)
+            return to_rgb(upright(image))
     except ImageError:
         raise
     except UnidentifiedImageError:
@@ -74,23 +114,103 @@ def decode_image(data: bytes) -> Image.Image:
         raise ImageError(f"the image is corrupt or truncated ({exc})") from None
 
 
+def check_structure(data: bytes) -> None:
+    """Refuse a JPEG or PNG whose segments alone would cost more decoding than any photo (MAX_JPEG_SCANS,
+    MAX_SEGMENTS); what is malformed is left for Pillow to report."""
+    if data.startswith(b"\xff\xd8"):
+        check_jpeg_structure(data)
+    elif data.startswith(b"\x89PNG\r\n\x1a\n"):
+        check_png_structure(data)
+
+
+# Entropy-coded data ends at the first 0xFF followed by a marker: not 0x00 (a stuffed 0xFF byte), not a
+# restart marker (0xD0-0xD7), not another 0xFF (fill).
+END_OF_ENTROPY_CODED_DATA = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
+
+
+def check_jpeg_structure(data: bytes) -> None:
+    """Walk a JPEG's markers from SOI to its first EOI (an MPO's later images are never decoded), counting
+    segments, the padding bytes between them and scans (SOS, skipping each one's entropy-coded data)."""
+    segments = scans = 0
+    at = 2
+    while at + 4 <= len(data):
+        marker = data[at + 1]
+        # Padding (0xFF fill) and bytes that are not a marker: Pillow steps over them one by one too, where a
+        # length is never read. RSTn and SOI stand alone.
+        if data[at] != 0xFF or marker == 0xFF or marker < 0xC0:
+            at += 1
+        elif marker == 0xD9:  # EOI
+            return
+        elif 0xD0 <= marker <= 0xD8:
+            at += 2
+        else:
+            at += 2 + int.from_bytes(data[at + 2:at + 4], "big")
+            if marker == 0xDA:
+                scans += 1
+                if scans > MAX_JPEG_SCANS:
+                    raise ImageError(f"the JPEG has more than {MAX_JPEG_SCANS} scans; no camera writes that many, so "
+                                     "it is refused rather than decoded (re-save it as a baseline JPEG)")
+                end = END_OF_ENTROPY_CODED_DATA.search(data, at)
+                if end is None:
+                    return
+                at = end.start()
+        segments += 1
+        if segments > MAX_SEGMENTS:
+            raise ImageError(f"the JPEG has more than {MAX_SEGMENTS:,} segments or padding bytes between them; "
+                             "re-save it without the extra metadata")
+
+
+def check_png_structure(data: bytes) -> None:
+    """Count a PNG's chunks up to IEND."""
+    at = 8
+    for _ in range(MAX_SEGMENTS):
+        if at + 8 > len(data) or data[at + 4:at + 8] == b"IEND":
+            return
+        at += 12 + int.from_bytes(data[at:at + 4], "big")
+    raise ImageError(f"the PNG has more than {MAX_SEGMENTS:,} chunks; re-save it without the extra metadata")
+
+
+# EXIF orientation -> the transpose that makes the image upright. ImageOps.exif_transpose does the same and
+# then writes the EXIF again without the tag: 7 s and 1.4 GB for a PNG carrying 14 MB of EXIF.
+UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+           5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+           8: Image.Transpose.ROTATE_90}
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """The image turned as its EXIF (or XMP) orientation says."""
+    method = UPRIGHT.get(image.getexif().get(ExifTags.Base.Orientation))
+    return image if method is None else image.transpose(method)
+
+
 # 16-bit value -> the nearest 8-bit one, looked up (one pass, no float copy of the image).
 SIXTEEN_TO_EIGHT_BITS = ((np.arange(65536, dtype=np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Any Pillow mode to 8-bit RGB: 16/32-bit scaled, transparency composited on white; a longer side over
-    twice DECODED_MIN_SIDE reduced by a whole factor first, so no full-size copy is ever made in RGB."""
+    """Any Pillow mode to 8-bit RGB: 16/32-bit integers scaled from their range (0-255 or 0-65535, whichever
+    holds the values), 32-bit floats likewise or from 0-1 when no value is over 1; transparency (alpha, or a
+    PNG's key colour) composited on white; LAB and CMYK converted as Pillow does (LAB through LittleCMS, CMYK
+    without a profile). A longer side over twice DECODED_MIN_SIDE is reduced by a whole factor first, so no
+    full-size copy is ever made in RGB."""
+    # A key colour (a grey or RGB PNG's tRNS chunk) turns into alpha only in Pillow's conversion to LA/RGBA;
+    # the rescaling below makes new images that no longer carry it.
+    key_alpha = image.mode in ("1", "L", "I", "I;16", "RGB") and image.info.get("transparency") is not None
+    alpha = image.convert("LA").getchannel("A") if key_alpha else None
     if image.mode.startswith("I;16"):
         image = Image.fromarray(SIXTEEN_TO_EIGHT_BITS[np.asarray(image).astype(np.uint16)], "L")
     if image.mode in ("I", "F"):
-        values = np.asarray(image, dtype=np.float32)
-        top = 65535.0 if values.max(initial=0) > 255 else 255.0
+        # np.array copies: np.asarray of a float image is a read-only view of Pillow's buffer.
+        values = np.nan_to_num(np.array(image, dtype=np.float32), posinf=0.0, neginf=0.0)
+        largest = values.max(initial=0)
+        top = 1.0 if image.mode == "F" and largest <= 1 else 65535.0 if largest > 255 else 255.0
         values *= 255.0 / top
         values += 0.5
         image = Image.fromarray(np.clip(values, 0, 255, out=values).astype(np.uint8), "L")
     if image.mode == "1":
         image = image.convert("L")
+    if alpha is not None:
+        image.putalpha(alpha)
     if image.mode == "P":
         image = image.convert("RGBA")
     factor = max(image.size) // DECODED_MIN_SIDE

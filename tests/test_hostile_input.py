@@ -18,6 +18,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import time
 import zlib
 from pathlib import Path
 
@@ -27,11 +28,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image, PngImagePlugin, TiffImagePlugin
 
-from bench.budget import many_page_tiff
+import skinlesion.image
+from bench.budget import many_page_tiff, progressive_scan_bomb
 from skinlesion.image import (
     DECODED_MIN_SIDE,
+    MAX_DECODE_CPU_SECONDS,
     MAX_FULL_DECODE_PIXELS,
     MAX_IMAGE_PIXELS,
+    MAX_JPEG_SCANS,
+    MAX_SEGMENTS,
     MIN_IMAGE_SIDE,
     ImageError,
     decode_image,
@@ -216,8 +221,31 @@ def png_with_text_bomb() -> bytes:
     return encode(photo(), "PNG", pnginfo=info)
 
 
+def png_chunk(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+
+def grey_png(extra: bytes = b"", idat_size: int = 1 << 20) -> bytes:
+    """A 24x16 grey PNG built chunk by chunk: `extra` after IHDR, then its image data in IDAT chunks of
+    `idat_size` bytes."""
+    rows = zlib.compress((b"\x00" + bytes(range(0, 240, 10))) * 16)
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", struct.pack(">IIBBBBB", 24, 16, 8, 0, 0, 0, 0)) + extra
+            + b"".join(png_chunk(b"IDAT", rows[at:at + idat_size]) for at in range(0, len(rows), idat_size))
+            + png_chunk(b"IEND", b""))
+
+
+def bmp_rle8(width: int, height: int, body: bytes) -> bytes:
+    """An 8-bit palette BMP whose pixels are the RLE8 `body`."""
+    palette = bytes(4 * 256)
+    offset = 14 + 40 + len(palette)
+    header = struct.pack("<IiiHHIIiiII", 40, width, height, 1, 8, 1, len(body), 2835, 2835, 256, 0)
+    return b"BM" + struct.pack("<IHHI", offset + len(body), 0, 0, offset) + header + palette + body
+
+
 def bombs() -> dict[str, tuple[bytes, str]]:
-    """name: (a few kB, what its refusal says); each would take gigabytes, or 50 MB of text, if decoded."""
+    """name: (a body of at most 15 MB, what its refusal says); each would take gigabytes, 50 MB of text, or
+    seconds to minutes of CPU time if decoded."""
+    jpeg, body = SEEDS["JPEG"], 15_000_000
     return {
         "png-header-65535^2": (png_claiming(65_535, 65_535), "pixels"),
         "png-header-2^31-wide": (png_claiming(2**31 - 1, 16), "pixels"),
@@ -226,6 +254,14 @@ def bombs() -> dict[str, tuple[bytes, str]]:
         "tiff-group4-8000^2": (encode(Image.new("1", (8000, 8000)), "TIFF", compression="group4"), "pixels"),
         "png-1bit-8000^2": (encode(Image.new("1", (8000, 8000)), "PNG"), "pixels"),
         "png-ztxt-50MB": (png_with_text_bomb(), "too large"),
+        # Pillow's own limit on decompressed text (MAX_TEXT_CHUNK) holds for an ICC profile too.
+        "png-iccp-50MB": (encode(photo(), "PNG", icc_profile=bytes(50_000_000)), "too large"),
+        # Decoding work rather than memory: 24 s, 4 s, 6 s, 3 s and 2.4 s of CPU before these were refused.
+        "jpeg-20000-scans": (progressive_scan_bomb(4096, 20_000), f"more than {MAX_JPEG_SCANS} scans"),
+        "jpeg-3.7M-empty-comments": (jpeg[:2] + b"\xff\xfe\x00\x02" * (body // 4) + jpeg[2:], "segments"),
+        "jpeg-15MB-fill-bytes": (jpeg[:2] + b"\xff" * body + jpeg[2:], "padding bytes"),
+        "png-1.25M-empty-chunks": (grey_png(png_chunk(b"abCd", b"") * (body // 12)), "chunks"),
+        "bmp-rle8-7.5M-one-pixel-runs": (bmp_rle8(2700, 2700, b"\x01\x07" * (body // 2)), "RLE"),
     }
 
 
@@ -257,6 +293,51 @@ def test_decompression_bombs_are_refused_in_bounded_memory_and_time(tmp_path: Pa
         assert re.search(expected, message), (name, message)
         assert seconds < 2, (name, seconds)
     assert report["grown_kib"] < 64 * 1024, report  # every bomb above would take gigabytes if decoded
+
+
+def test_a_jpeg_of_more_scans_than_any_camera_writes_is_refused_naming_the_limit() -> None:
+    # Each scan passes over every coefficient again: 20,000 one-block scans of 16 MP took 24 s to decode.
+    assert decode_image(progressive_scan_bomb(256, MAX_JPEG_SCANS)).size == (256, 256)
+    with pytest.raises(ImageError, match=f"more than {MAX_JPEG_SCANS} scans"):  # an ImageError answers 400
+        decode_image(progressive_scan_bomb(256, MAX_JPEG_SCANS + 1))
+
+
+@pytest.mark.parametrize("data", [
+    encode(photo((64, 48)), "JPEG", restart_marker_blocks=1),
+    encode(photo((64, 48)), "JPEG", progressive=True, restart_marker_rows=1),
+    encode(photo((64, 48)), "JPEG", icc_profile=bytes(200_000)),  # in 4 APP2 segments
+    grey_png(idat_size=1),
+], ids=["jpeg-restart-markers", "progressive-jpeg-restart-markers", "jpeg-200kB-icc-profile", "png-1-byte-idat-chunks"])
+def test_the_structure_checks_pass_what_encoders_write(data: bytes) -> None:
+    assert decode_image(data).mode == "RGB"
+
+
+def test_the_chunk_limit_is_exact() -> None:
+    filler = png_chunk(b"abCd", b"")  # IHDR, one IDAT and IEND make 3
+    assert decode_image(grey_png(filler * (MAX_SEGMENTS - 3))).size == (24, 16)
+    with pytest.raises(ImageError, match=f"more than {MAX_SEGMENTS:,} chunks"):
+        decode_image(grey_png(filler * (MAX_SEGMENTS - 2)))
+
+
+def test_the_cpu_time_backstop_stops_a_decode_the_structure_checks_let_through(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The scan limit lifted, 2,000 scans of 16 MP (2.4 s of CPU here) stand for work nothing else foresees.
+    monkeypatch.setattr(skinlesion.image, "MAX_JPEG_SCANS", 10**9)
+    bomb = progressive_scan_bomb(4096, 2_000)
+    started = time.thread_time()
+    with pytest.raises(ImageError, match=f"over {MAX_DECODE_CPU_SECONDS:g} s of CPU time"):
+        decode_image(bomb)
+    assert time.thread_time() - started < MAX_DECODE_CPU_SECONDS + 0.9
+
+
+def test_a_png_carrying_14_mb_of_exif_decodes_upright_in_bounded_time() -> None:
+    # ImageOps.exif_transpose wrote the EXIF again without its orientation: 7 s and 1.4 GB for this one.
+    count = 7_000_000
+    entries = struct.pack("<HHII", 0x0112, 3, 1, 6) + struct.pack("<HHII", 0x9999, 3, count, 8 + 2 + 24 + 4)
+    exif = b"II*\x00" + struct.pack("<IH", 8, 2) + entries + struct.pack("<I", 0) + b"\xff\xff" * count
+    started = time.thread_time()
+    image = decode_image(grey_png(png_chunk(b"eXIf", exif)))
+    assert time.thread_time() - started < 1.0
+    assert image.size == (16, 24)  # turned by orientation 6
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "WEBP"])

@@ -7,7 +7,7 @@ import io
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from skinlesion.image import (
     MAX_IMAGE_PIXELS,
@@ -66,6 +66,69 @@ def test_exif_orientation_is_applied() -> None:
     exif[0x0112] = 6  # rotated 90 degrees: the upright image is portrait
     image = decode_image(encode(gradient(size=(64, 48)), "JPEG", exif=exif.tobytes()))
     assert image.size == (48, 64)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_exif_orientation_turns_the_image_as_pillow_does(orientation: int) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = encode(gradient(size=(64, 48)), "PNG", exif=exif.tobytes())
+    expected = ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB")
+    assert np.array_equal(np.asarray(decode_image(data)), np.asarray(expected))
+
+
+@pytest.mark.parametrize(("values", "grey"), [(0.5, 128), (1.0, 255), (128.0, 128), (32768.0, 128), (-3.0, 0)],
+                         ids=["unit-half", "unit-one", "byte-half", "sixteen-bit-half", "negative"])
+def test_a_32_bit_float_tiff_is_scaled_from_its_range(values: float, grey: int) -> None:
+    # Refused as "corrupt" before: the scaling wrote into numpy's read-only view of the image.
+    image = decode_image(encode(Image.new("F", (32, 32), values), "TIFF"))
+    assert np.asarray(image).tolist() == [[[grey] * 3] * 32] * 32
+
+
+def test_a_float_tiff_with_nan_and_infinity_decodes() -> None:
+    values = np.full((32, 32), 0.5, dtype=np.float32)
+    values[0, :3] = [np.nan, np.inf, -np.inf]
+    pixels = np.asarray(decode_image(encode(Image.fromarray(values, "F"), "TIFF")))
+    assert pixels[0, :3, 0].tolist() == [0, 0, 0] and pixels[5, 5, 0] == 128
+
+
+def test_an_mpo_decodes_its_first_image() -> None:
+    # A phone's photo with its depth map or HDR gain map after it: refused as animated before.
+    first, second = Image.new("RGB", (64, 48), (200, 30, 30)), Image.new("RGB", (32, 24), (30, 200, 30))
+    data = encode(first, "MPO", save_all=True, append_images=[second])
+    assert Image.open(io.BytesIO(data)).format == "MPO"
+    image = decode_image(data)
+    assert image.size == (64, 48)
+    assert np.abs(np.asarray(image, dtype=int) - (200, 30, 30)).max() <= 3
+
+
+@pytest.mark.parametrize(("mode", "key"), [("1", 0), ("L", 0), ("RGB", (0, 0, 0)), ("I;16", 0), ("P", 0)])
+def test_a_key_colour_is_transparent_on_white(mode: str, key) -> None:
+    # A PNG's tRNS chunk: the pixels of that one colour are transparent. They came out black before, except in P.
+    image = Image.new(mode, (32, 32), 0)
+    image.paste(Image.new(mode, (16, 32), 1 if mode in ("1", "P") else 200 if mode != "RGB" else (200, 200, 200)), (16, 0))
+    if mode == "P":
+        image.putpalette([0, 0, 0, 90, 90, 90])
+    pixels = np.asarray(decode_image(encode(image, "PNG", transparency=key)))
+    opaque = np.asarray(decode_image(encode(image, "PNG")))
+    assert opaque[:, :16].max() == 0 and pixels[:, :16].min() == 255
+    assert np.array_equal(pixels[:, 16:], opaque[:, 16:])
+
+
+def test_a_lab_tiff_is_converted_to_srgb() -> None:
+    # CIELab L* 50, a* = b* = 0 (Pillow writes a* and b* signed, as TIFF 6.0 says): a mid grey, sRGB 119.
+    image = decode_image(encode(Image.new("LAB", (32, 32), (128, 128, 128)), "TIFF"))
+    assert np.abs(np.asarray(image, dtype=int) - 119).max() <= 1
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "TIFF"])
+@pytest.mark.parametrize(("cmyk", "rgb"), [((0, 0, 0, 0), (255, 255, 255)), ((0, 0, 0, 255), (0, 0, 0)),
+                                           ((255, 0, 0, 0), (0, 255, 255)), ((0, 0, 0, 128), (127, 127, 127))],
+                         ids=["white", "black", "cyan", "grey"])
+def test_cmyk_is_converted_without_a_profile(fmt: str, cmyk: tuple, rgb: tuple) -> None:
+    # Pillow writes a CMYK JPEG inverted with an Adobe marker, as Photoshop does, and reads it back so.
+    image = decode_image(encode(Image.new("CMYK", (32, 32), cmyk), fmt, quality=100))
+    assert np.abs(np.asarray(image, dtype=int) - rgb).max() <= 2
 
 
 @pytest.mark.parametrize(
