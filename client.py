@@ -14,6 +14,7 @@ import argparse
 import base64
 import glob
 import json
+import math
 import os
 import re
 import sys
@@ -46,7 +47,9 @@ TIMEOUTS = {"plain": 30.0, "explain": 210.0}
 RETRY_STATUSES = (500, 502, 503, 507)
 BACKOFF = 0.5  # seconds before the first retry, doubled for each next one: 0.5, 1, 2
 # A 503 with Retry-After ("explanations are busy") is retried after that many seconds, up to this long in all.
+# A wait under a second (the server never asks for less) counts as one, so at most 300 busy retries are sent.
 MAX_BUSY_WAIT = 300.0
+MIN_BUSY_WAIT = 1.0
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
 # The largest image the API takes: 15 MiB is 20 MiB in base64, under nginx's 21 MiB body limit (proxy/nginx.conf;
 # .streamlit/config.toml's maxUploadSize repeats it for the page, and a test checks the three agree).
@@ -107,13 +110,15 @@ def post_predict(url: str, image: bytes, explain: bool = False, precision: str =
 
 
 def retry_after(response: requests.Response) -> float | None:
-    """The seconds a 503 says to wait before trying again (Retry-After in seconds), if it says so."""
+    """The seconds a 503 says to wait before trying again (Retry-After in seconds, at least MIN_BUSY_WAIT), if
+    it says so with a finite number; otherwise it is a plain 503, retried with backoff."""
     if response.status_code != 503:
         return None
     try:
-        return max(0.0, float(response.headers.get("Retry-After", "")))
+        seconds = float(response.headers.get("Retry-After", ""))
     except ValueError:
         return None
+    return max(MIN_BUSY_WAIT, seconds) if math.isfinite(seconds) else None
 
 
 def read_envelope(url: str, response: requests.Response) -> dict:
@@ -214,16 +219,21 @@ def expand_inputs(args: list[str]) -> tuple[list[Path], list[str]]:
 
 def explanation_names(paths: list[Path]) -> dict[Path, str]:
     """A distinct explanation file name per input: <stem>_explain.png, with the parent folder's name in front
-    where stems repeat (a/mole.jpg, b/mole.jpg), and the input's position where that repeats too."""
-    def clashing(names: list[str]) -> set[str]:
-        return {name for name in names if names.count(name) > 1}
-
-    names = [f"{p.stem}_explain.png" for p in paths]
-    repeated = clashing(names)
-    names = [f"{p.parent.name}_{n}" if n in repeated else n for p, n in zip(paths, names, strict=True)]
-    repeated = clashing(names)
-    names = [f"{i + 1}_{n}" if n in repeated else n for i, n in enumerate(names)]
-    return dict(zip(paths, names, strict=True))
+    where stems repeat (a/mole.jpg, b/mole.jpg), and _2, _3, ... after a name that is still taken. Names are
+    compared case-folded, as a case-insensitive file system would."""
+    stems = [path.stem.casefold() for path in paths]
+    wanted = [f"{path.parent.name}_{path.stem}" if path.parent.name and stems.count(path.stem.casefold()) > 1
+              else path.stem for path in paths]
+    taken: set[str] = set()
+    names = {}
+    for path, name in zip(paths, wanted, strict=True):
+        unique, number = name, 1
+        while unique.casefold() in taken:
+            number += 1
+            unique = f"{name}_{number}"
+        taken.add(unique.casefold())
+        names[path] = f"{unique}_explain.png"
+    return names
 
 
 def classify_file(path: Path, args: argparse.Namespace, out_name: str) -> dict:

@@ -195,11 +195,23 @@ def test_post_predict_timeout_raises_client_error(monkeypatch: pytest.MonkeyPatc
 
 
 def test_explanation_names_never_collide() -> None:
-    paths = [Path("a/mole.jpg"), Path("b/mole.jpg"), Path("b/mole.png"), Path("c/other.jpg"), Path("x/a/mole.jpg")]
+    paths = [Path("a/mole.jpg"), Path("b/mole.jpg"), Path("b/mole.png"), Path("c/other.jpg"), Path("x/a/mole.jpg"),
+             Path("mole.jpg")]
     assert list(client.explanation_names(paths).values()) == [
-        "1_a_mole_explain.png", "2_b_mole_explain.png", "3_b_mole_explain.png", "other_explain.png", "5_a_mole_explain.png"]
+        "a_mole_explain.png", "b_mole_explain.png", "b_mole_2_explain.png", "other_explain.png", "a_mole_2_explain.png",
+        "mole_explain.png"]
     assert list(client.explanation_names([Path("a/mole.jpg"), Path("b/mole.jpg")]).values()) == [
         "a_mole_explain.png", "b_mole_explain.png"]
+
+
+@pytest.mark.parametrize("paths", [
+    ["a/mole.jpg", "x/a/mole.jpg", "d/1_a_mole.jpg"],  # both a/mole.jpg and d/1_a_mole.jpg wrote 1_a_mole_explain.png
+    ["a/mole.jpg", "b/mole.jpg", "a/mole_2.jpg"],
+    ["a/Mole.jpg", "b/mole.jpg"],  # one file on a case-insensitive file system
+], ids=["made-name-is-an-input", "suffix-is-an-input", "case-only"])
+def test_explanation_names_are_distinct_whatever_the_inputs_are_called(paths: list[str]) -> None:
+    names = client.explanation_names([Path(path) for path in paths]).values()
+    assert len({name.casefold() for name in names}) == len(paths)
 
 
 def test_explanations_of_same_named_images_are_all_saved(service, fullres_images, tmp_path: Path) -> None:
@@ -268,3 +280,25 @@ def test_busy_waits_are_bounded_in_all(stub, sleeps: list[float]) -> None:
     answer = client.post_predict(stub.url, b"img", explain=True, max_busy_wait=300)
     assert answer["success"] is False and "gave up after waiting 200 s in all" in answer["error"]
     assert sleeps == [200.0] and stub.hits == 2
+
+
+BUSY = b'{"success": false, "error": "explanations are busy"}'
+
+
+@pytest.mark.parametrize(("header", "waits"), [
+    ("0", [1.0] * 5), ("-5", [1.0] * 5), ("0.001", [1.0] * 5),  # floored at a second: 5 tries in 5 s, then give up
+    ("nan", [0.5, 1.0, 2.0]), ("inf", [0.5, 1.0, 2.0]), ("soon", [0.5, 1.0, 2.0]),  # not a wait: a plain 503
+])
+def test_a_retry_after_under_a_second_or_not_a_number_cannot_resend_without_pause(
+        stub, monkeypatch: pytest.MonkeyPatch, header: str, waits: list[float]) -> None:
+    # "0" and "nan" resent at once, without end: over 5,000 requests before.
+    sleeps: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        assert len(sleeps) < 100, "resent without end"
+
+    monkeypatch.setattr(client.time, "sleep", sleep)
+    stub.answers = [(503, BUSY, {"Retry-After": header})]
+    answer = client.post_predict(stub.url, b"img", explain=True, max_busy_wait=5)
+    assert answer["success"] is False and sleeps == waits and stub.hits == len(waits) + 1
