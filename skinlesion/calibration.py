@@ -13,8 +13,9 @@ the Predictor to the forward pass it already makes: no second model on the reque
 Out-of-domain score (chosen by `python -m training.calibrate`'s comparison, docs/training.md): two
 Mahalanobis distances to the nearest class mean of the training lesions, with one shared covariance
 (Ledoit-Wolf shrinkage), each as a z-score of its log against the validation lesions; the score is the
-larger one. "input": colour and sharpness statistics of the model input (what a blurred, flat or
-synthetic picture gives away); "features": the pooled 512-d features before the classifier (what a photo
+larger one. "input": colour statistics of the model input and the sharpness of its luminance at half and a quarter
+of its resolution (what a blurred, flat or synthetic picture gives away, and the same for a lesion photographed at
+200x150 or 4000x3000 pixels); "features": the pooled 512-d features before the classifier (what a photo
 of something else gives away). Softmax confidence, max logit and energy scored near chance in that
 comparison: the network is as confident on a rocket as on a mole.
 """
@@ -30,6 +31,7 @@ import torch
 from scipy.optimize import minimize_scalar
 from sklearn.covariance import LedoitWolf
 
+from skinlesion.image import IMAGENET_STD
 from skinlesion.model import CLASS_CODES
 
 # Malignant or pre-malignant: melanoma, basal cell carcinoma, actinic keratoses / intraepithelial carcinoma.
@@ -50,25 +52,40 @@ DOMAIN_SPACES = ("input", "features")
 LAPLACIAN = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])
 # Keeps log() finite on a flat image (zero Laplacian).
 SHARPNESS_FLOOR = 1e-3
+# Sharpness is measured at half and a quarter of the model input's resolution, on luminance: at full resolution,
+# and per colour channel, it shows where a photo came from rather than what it shows. A 600x450 photo shrunk
+# straight to the input is sharper there than a 200x150 JPEG copy shrunk again, and its colour channels' fine
+# detail differs by the copies' chroma subsampling; statistics fitted on the copies flagged 97% of the original
+# full-size photos (docs/training.md, "A domain check for every photo size").
+SHARPNESS_SCALES = (2, 4)
+LUMA_WEIGHTS = (0.299, 0.587, 0.114)
+# What input_statistics gives per image: four colour statistics of each channel, then the sharpness.
+INPUT_STATISTICS = 4 * 3 + len(SHARPNESS_SCALES)
 
 
-def input_statistics(inputs: torch.Tensor) -> torch.Tensor:
-    """N x 18 for normalized model inputs (N x 3 x H x W), per channel: the mean and standard deviation, the log
-    mean absolute Laplacian at full and half resolution (sharpness), and the mean of the central quarter of the
-    picture minus the mean of the rest and its standard deviation (HAM10000 photos are centred on the lesion)."""
+def input_statistics(inputs: torch.Tensor, sharpness_scales: tuple[int, ...] = SHARPNESS_SCALES,
+                     luma: bool = True) -> torch.Tensor:
+    """N x (12 + scales) statistics of normalized model inputs (N x 3 x H x W): per channel the mean and standard
+    deviation, and the mean of the central quarter of the picture minus the mean of the rest and its standard
+    deviation (HAM10000 photos are centred on the lesion); then the log mean absolute Laplacian of the luminance
+    (sharpness) at each of `sharpness_scales` (average-pooled by that factor). `luma=False` measures sharpness per
+    colour channel, as the check did before (one of training.calibrate's compared candidates)."""
     inputs = inputs.float()
     height, width = inputs.shape[-2:]
-    laplacian = LAPLACIAN.to(inputs.device).expand(3, 1, 3, 3)
-
-    def sharpness(x: torch.Tensor) -> torch.Tensor:
-        return (torch.nn.functional.conv2d(x, laplacian, groups=3).abs().mean((2, 3)) + SHARPNESS_FLOOR).log()
-
     centre = torch.zeros(height, width, dtype=torch.bool, device=inputs.device)
     centre[height // 4 : height - height // 4, width // 4 : width - width // 4] = True
     centre_mean, rest_mean = inputs[..., centre].mean(-1), inputs[..., ~centre].mean(-1)
-    return torch.cat([inputs.mean((2, 3)), inputs.std((2, 3)), sharpness(inputs),
-                      sharpness(torch.nn.functional.avg_pool2d(inputs, 2)), centre_mean - rest_mean,
-                      inputs[..., centre].std(-1)], dim=1)
+    colour = [inputs.mean((2, 3)), inputs.std((2, 3)), centre_mean - rest_mean, inputs[..., centre].std(-1)]
+    std = torch.tensor(IMAGENET_STD, device=inputs.device)[:, None, None]
+    weights = torch.tensor(LUMA_WEIGHTS, device=inputs.device)[:, None, None]
+    # Luminance of the pixels themselves (the normalization shifts each channel differently).
+    detail = (inputs * std * weights).sum(1, keepdim=True) if luma else inputs
+    channels = detail.shape[1]
+    laplacian = LAPLACIAN.to(inputs.device).expand(channels, 1, 3, 3)
+    sharpness = [(torch.nn.functional.conv2d(torch.nn.functional.avg_pool2d(detail, scale) if scale > 1 else detail,
+                                             laplacian, groups=channels).abs().mean((2, 3)) + SHARPNESS_FLOOR).log()
+                 for scale in sharpness_scales]
+    return torch.cat(colour + sharpness, dim=1)
 
 
 @dataclass(frozen=True)
@@ -191,11 +208,16 @@ class Calibration:
     def from_state(cls, state: dict[str, Any]) -> Calibration:
         # A checkpoint calibrated before temperatures were per class holds one shared temperature.
         temperatures = state.get("temperatures") or [state["temperature"]] * len(CLASS_CODES)
+        domain = {name: ClassGaussians(**g) for name, g in state["domain"].items()}
+        statistics = domain["input"].means.shape[1]
+        if statistics != INPUT_STATISTICS:
+            raise ValueError(f"this checkpoint's out-of-domain check reads {statistics} input statistics, this version "
+                             f"computes {INPUT_STATISTICS}: calibrate it again (python -m training.calibrate)")
         return cls(
             temperatures=tuple(float(t) for t in temperatures),
             malignancy_threshold=float(state["malignancy_threshold"]),
             domain_threshold=float(state["domain_threshold"]),
-            domain={name: ClassGaussians(**g) for name, g in state["domain"].items()},
+            domain=domain,
             views=state.get("views", "none"),
             bfloat16=bool(state.get("bfloat16", False)),
         )

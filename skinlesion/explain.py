@@ -20,7 +20,7 @@ from PIL import Image
 from skimage.segmentation import mark_boundaries, slic
 
 from skinlesion.admission import DeadlinePassed
-from skinlesion.image import normalize, resize
+from skinlesion.image import normalize, quarter_turns, resize
 from skinlesion.model import CLASS_NAMES
 from skinlesion.options import METHODS
 from skinlesion.predictor import Predictor, native_bfloat16
@@ -181,12 +181,15 @@ def jet(values: np.ndarray) -> np.ndarray:
 def render_overlay(image: Image.Image, explanation: Explanation) -> np.ndarray:
     """The explanation drawn on `image`, at its size (H x W x 3 uint8)."""
     photo = np.asarray(image.convert("RGB"))
+    # The mask is in the model input's orientation: a portrait photo was turned a quarter to get there.
+    turned = Image.fromarray(np.ascontiguousarray(np.rot90(
+        explanation.mask, -quarter_turns(image.height, image.width, explanation.mask.shape))))
     if explanation.method == "lime":
         # Nearest neighbour keeps the mask binary, so the outline follows the superpixels' edges.
-        mask = np.asarray(Image.fromarray(explanation.mask).resize(image.size, Image.Resampling.NEAREST))
+        mask = np.asarray(turned.resize(image.size, Image.Resampling.NEAREST))
         drawn = mark_boundaries(photo, mask, color=(0, 1, 0))
     else:
-        heat = np.asarray(Image.fromarray(explanation.mask).resize(image.size, Image.Resampling.BILINEAR))
+        heat = np.asarray(turned.resize(image.size, Image.Resampling.BILINEAR))
         alpha = HEATMAP_OPACITY * np.clip(heat, 0.0, 1.0)[..., None]
         drawn = (1.0 - alpha) * (photo / 255.0) + alpha * jet(heat)
     return np.round(drawn * 255.0).astype(np.uint8)

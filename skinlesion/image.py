@@ -233,10 +233,19 @@ def shades_of_gray(images: torch.Tensor, power: float) -> torch.Tensor:
     return (values * gain).round_().clamp_(0, 255).to(torch.uint8)
 
 
+def quarter_turns(height: int, width: int, image_size: tuple[int, int]) -> int:
+    """1 for a photo whose orientation (portrait or landscape) is not the model input's, else 0. Such a photo is
+    turned a quarter before it is resized, rather than squeezed: a dermoscopy photo has no up or down, and a quarter
+    turn of a landscape photo then gives the same four flips, and so the same answer, as the photo itself."""
+    return int(height != width and (height > width) != (image_size[0] > image_size[1]))
+
+
 def resize(image: Image.Image | torch.Tensor, image_size: tuple[int, int], colour_constancy: float = 0.0) -> torch.Tensor:
-    """An RGB image (PIL or uint8 CxHxW tensor) resized to the model's input as a uint8 tensor, with Shades of
-    Gray colour constancy of that power applied when it is not 0."""
+    """An RGB image (PIL or uint8 CxHxW tensor) turned to the model input's orientation (quarter_turns) and resized
+    to it as a uint8 tensor, with Shades of Gray colour constancy of that power applied when it is not 0."""
     tensor = F.pil_to_tensor(image) if isinstance(image, Image.Image) else image
+    if quarter_turns(*tensor.shape[-2:], image_size):
+        tensor = tensor.rot90(1, (-2, -1))
     small = F.resize(tensor, list(image_size), antialias=True)
     return shades_of_gray(small, colour_constancy) if colour_constancy else small
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from serve import build_archives, free_port, free_ports
+from serve import build_archives, free_port, free_ports, start_service, stop_service
 from skinlesion.model import ARCHITECTURES, DEFAULT_IMAGE_SIZE, build_model, save_checkpoint
 from skinlesion.predictor import Predictor
 from training.calibrate import calibrate_checkpoint
@@ -79,6 +79,12 @@ def fullres_images() -> list[Path]:
 
 
 @pytest.fixture(scope="session")
+def original_photo(fullres_images: list[Path]) -> Path:
+    """A full-size photo at its original quality (600x450, 250 KB): what a user's dermatoscope gives."""
+    return next(path for path in fullres_images if path.name == "ISIC_0024313.jpg")
+
+
+@pytest.fixture(scope="session")
 def image_b64(fullres_images: list[Path]) -> str:
     """The first full-size photo, base64 as a /predict body carries it."""
     return base64.b64encode(fullres_images[0].read_bytes()).decode()
@@ -135,6 +141,23 @@ class Service:
     def stop(self) -> None:
         subprocess.run([sys.executable, str(ROOT / "serve.py"), "stop", "--run-dir", str(self.run_dir)],
                        check=True, capture_output=True, timeout=300)
+
+
+@contextmanager
+def own_service(folder: Path, weights_dir: Path, explain_config: Path | None = None) -> Iterator[Service]:
+    """A service of a test module's own: archives of the checkpoints in `weights_dir` built into `folder`, TorchServe
+    and nginx started on free ports with resnet34 as the default, stopped on exit."""
+    store = folder / "model_store"
+    build_archives(store, weights_dir, explain_config=explain_config)
+    run_dir = folder / "run"
+    run_dir.mkdir()
+    ports = free_ports()
+    listen = f"127.0.0.1:{free_port(tuple(ports.values()))}"
+    try:
+        url, management = start_service(run_dir, store, ports, listen, "resnet34")
+        yield Service(url, management, "", "", run_dir, [])
+    finally:
+        stop_service(run_dir)
 
 
 @pytest.fixture(scope="session")

@@ -25,12 +25,12 @@ def run_client(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "client.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
-def test_one_image_prints_a_table_with_the_class(service, fullres_images) -> None:
-    result = run_client("--url", service.predict_url, str(fullres_images[0]))
+def test_one_image_prints_a_table_with_the_class(service, original_photo) -> None:
+    result = run_client("--url", service.predict_url, str(original_photo))
     assert result.returncode == 0, result.stderr
     header, row = result.stdout.splitlines()
     assert header.split()[:3] == ["file", "prediction", "probability"]
-    assert row.startswith(str(fullres_images[0]))
+    assert row.startswith(str(original_photo))
     assert any(name in row for name in CLASS_NAMES)
     assert "resnet34" in row
 

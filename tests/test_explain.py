@@ -145,3 +145,26 @@ def test_invalid_arguments_raise_value_error(
 ) -> None:
     with pytest.raises(ValueError):
         explain.explanation_payload(predictor, photo, label, method, precision)
+
+
+def test_a_portrait_photos_overlay_lands_where_the_model_looked(predictor: Predictor) -> None:
+    """A portrait photo is turned a quarter to the model's landscape input; its explanation is turned back onto it."""
+    pixels = np.full((400, 300, 3), 90, dtype=np.uint8)
+    pixels[20:80, 200:280] = 250  # a bright patch near the top right of the portrait photo
+    photo = Image.fromarray(pixels)
+    small = resize(photo, predictor.image_size)
+    assert tuple(small.shape[-2:]) == predictor.image_size
+    heat = (small[0].numpy() > 170).astype(np.float32)  # the patch, wherever the turn put it in the model input
+    drawn = explain.render_overlay(photo, explain.Explanation("gradcam", None, 0, CLASS_NAMES[LABEL], 0.0, heat, []))
+    assert drawn.shape == (400, 300, 3)
+    changed = np.abs(drawn.astype(int) - pixels.astype(int)).sum(-1) > 30
+    inside, outside = changed[25:75, 205:275].mean(), changed[150:, :150].mean()
+    assert inside > 0.9 and outside == 0
+
+
+def test_full_size_originals_are_explained_at_their_own_size(predictor: Predictor, original_photo: Path) -> None:
+    photo = Image.open(original_photo)
+    photo.load()
+    for method in ("lime", "gradcam"):
+        png = explain.explanation_payload(predictor, photo, LABEL, method, "Low")["explanation"]["image_png"]
+        assert Image.open(io.BytesIO(base64.b64decode(png))).size == photo.size == (600, 450)

@@ -120,8 +120,8 @@ def expect_prediction(page: Page) -> None:
     expect(page.locator('[data-testid="stException"]')).to_have_count(0)
 
 
-def test_upload_shows_prediction_and_chart(page: Page, app_url: str, fullres_images: list[Path]) -> None:
-    open_and_upload(page, app_url, fullres_images[0])
+def test_upload_shows_prediction_and_chart(page: Page, app_url: str, original_photo: Path) -> None:
+    open_and_upload(page, app_url, original_photo)
     expect_prediction(page)
     expect(page.locator('[data-testid="stImage"]')).to_have_count(1)  # the original; no overlay without explain
     expect(page.get_by_text("not a diagnosis")).to_be_visible()

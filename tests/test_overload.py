@@ -20,10 +20,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-import serve
 from bench.load import client_address
 from skinlesion.admission import LEDGER_NAME, Ledger
-from tests.conftest import ROOT, Service
+from tests.conftest import ROOT, Service, own_service
 
 DEADLINE_SECONDS = 24
 # At least this many explanations at once, and at least twice what the explaining workers can finish by the
@@ -40,17 +39,8 @@ def short_deadline_service(checkpoints: Path, tmp_path_factory: pytest.TempPathF
     config = yaml.safe_load((ROOT / "handler" / "explain-config.yaml").read_text())
     config["handler"]["deadline_seconds"] = DEADLINE_SECONDS
     (folder / "explain-config.yaml").write_text(yaml.safe_dump(config))
-    build_store = folder / "model_store"
-    serve.build_archives(build_store, checkpoints, explain_config=folder / "explain-config.yaml")
-    run_dir = folder / "run"
-    run_dir.mkdir()
-    ports = serve.free_ports()
-    listen = f"127.0.0.1:{serve.free_port(tuple(ports.values()))}"
-    try:
-        url, management = serve.start_service(run_dir, build_store, ports, listen, "resnet34")
-        yield Service(url, management, "", "", run_dir, [])
-    finally:
-        serve.stop_service(run_dir)
+    with own_service(folder, checkpoints, folder / "explain-config.yaml") as service:
+        yield service
 
 
 def explain(url: str, body: bytes, source: str) -> tuple[int, float, dict, dict]:

@@ -38,14 +38,15 @@ from skinlesion.calibration import (
     fit_calibration,
     fit_class_gaussians,
     fit_class_temperatures,
+    input_statistics,
     is_malignant,
     malignant_probability,
     validation_pass_rate,
 )
 from skinlesion.image import TTA_VIEWS, decode_image
-from skinlesion.model import ARCHITECTURES, CLASS_CODES, add_to_checkpoint
+from skinlesion.model import ARCHITECTURES, CLASS_CODES, add_to_checkpoint, load_checkpoint
 from skinlesion.predictor import Outputs, Predictor, native_bfloat16
-from training.data import Sample, split_dataset
+from training.data import Sample, read_samples, split_dataset
 from training.evaluate import (
     calibration_error_floor,
     compute_metrics,
@@ -56,6 +57,7 @@ from training.evaluate import (
     to_json,
 )
 from training.ood import out_of_domain_set
+from training.sources import SOURCES
 
 # How checkpoints run unless told otherwise (chosen on the validation split, docs/training.md): the four flips
 # averaged (adding the four transposes did not help consistently), the trunk in bfloat16 where the hardware has it, which pays
@@ -105,26 +107,40 @@ def auroc(in_domain: torch.Tensor, out_of_domain: torch.Tensor) -> float:
     return float(roc_auc_score(truth, np.r_[in_domain.numpy(), out_of_domain.numpy()]))
 
 
-def score_candidates(train: FitData, val: FitData, ood: Outputs) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Each candidate out-of-domain score on validation lesions and on the out-of-domain images."""
+def channel_statistics(predictor: Predictor, images: list[Image.Image]) -> torch.Tensor:
+    """The input statistics the check read before: sharpness per colour channel at full and half resolution."""
+    return torch.cat([input_statistics(torch.stack([predictor.preprocess(im) for im in images[i : i + 256]]), (1, 2), luma=False)
+                      for i in range(0, len(images), 256)])
 
-    def from_logits(score):
-        return score(val.logits), score(ood.logits)
+
+# The image groups each candidate score is re-checked on besides the validation lesions as given: the same lesions
+# from other sources (training/sources.py), and full-size photos where given (--photos).
+RECHECKED_SOURCES = ("1200x900, JPEG 90", "rotated 10 degrees, cropped to 85%")
+
+
+def score_candidates(train: FitData, val: FitData, ood: Outputs, rechecked: dict[str, Outputs],
+                     channels: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """Each candidate out-of-domain score on validation lesions ("val"), on the out-of-domain images ("ood"), and on
+    each group of `rechecked`; `channels` holds channel_statistics of "train", "val", "ood" and every rechecked group."""
+    groups = {"val": val, "ood": ood, **rechecked}
+
+    def each(score: Callable) -> dict[str, torch.Tensor]:
+        return {name: score(name, group) for name, group in groups.items()}
 
     gaussians = {name: fit_class_gaussians(getattr(train, name), train.labels, getattr(val, name))
                  for name in ("statistics", "features")}
+    before = fit_class_gaussians(channels["train"], train.labels, channels["val"])
     candidates = {
-        "softmax confidence": from_logits(lambda x: -x.softmax(1).max(1).values),
-        "max logit": from_logits(lambda x: -x.max(1).values),
-        "energy": from_logits(lambda x: -x.logsumexp(1)),
-        "Mahalanobis, input statistics": (gaussians["statistics"].zscores(val.statistics),
-                                          gaussians["statistics"].zscores(ood.statistics)),
-        "Mahalanobis, pooled features": (gaussians["features"].zscores(val.features),
-                                         gaussians["features"].zscores(ood.features)),
+        "softmax confidence": each(lambda _, g: -g.logits.softmax(1).max(1).values),
+        "max logit": each(lambda _, g: -g.logits.max(1).values),
+        "energy": each(lambda _, g: -g.logits.logsumexp(1)),
+        "Mahalanobis, channel sharpness (before)": each(lambda name, _: before.zscores(channels[name])),
+        "Mahalanobis, input statistics": each(lambda _, g: gaussians["statistics"].zscores(g.statistics)),
+        "Mahalanobis, pooled features": each(lambda _, g: gaussians["features"].zscores(g.features)),
     }
-    both = [candidates["Mahalanobis, input statistics"], candidates["Mahalanobis, pooled features"]]
-    candidates["larger of the two Mahalanobis (shipped)"] = (torch.maximum(both[0][0], both[1][0]),
-                                                             torch.maximum(both[0][1], both[1][1]))
+    candidates["larger of the two Mahalanobis (shipped)"] = {
+        name: torch.maximum(candidates["Mahalanobis, input statistics"][name], candidates["Mahalanobis, pooled features"][name])
+        for name in groups}
     return candidates
 
 
@@ -142,7 +158,7 @@ def nll(probabilities: torch.Tensor, labels: torch.Tensor) -> float:
 
 def calibrate_checkpoint(weights: Path, train: list[Sample], val: list[Sample], test: list[Sample],
                          views: str = INFERENCE_VIEWS, bfloat16: bool = INFERENCE_BFLOAT16,
-                         held_out_run: dict | None = None) -> dict:
+                         held_out_run: dict | None = None, photos: list[Image.Image] | None = None) -> dict:
     """Fit the calibration of `weights` for running it with these test-time views and trunk precision, store it
     (and the card's metrics) in the checkpoint; returns the report: {"calibration": what was fitted and how it
     does, "test": compute_metrics with calibrated probabilities} or, in its place, "held_out_run".
@@ -152,14 +168,16 @@ def calibrate_checkpoint(weights: Path, train: list[Sample], val: list[Sample], 
     figures these weights cannot have, and so does the checkpoint's card (marked so)."""
     if bool(test) == (held_out_run is not None):
         raise ValueError("calibrating needs exactly one of a test split to score and the report of a run that held it out")
-    predictor = Predictor.from_checkpoint(weights)  # its outputs are raw, whatever an earlier fit stored
+    # Without an earlier fit: its outputs are raw, and a fit by an earlier version need not load.
+    model, meta = load_checkpoint(weights)
+    predictor = Predictor(model, meta["arch"], meta["image_size"], colour_constancy=meta["colour_constancy"])
 
     def outputs(images: list[Image.Image]) -> Outputs:
         # As this machine will serve it: a bfloat16 trunk only where the hardware has one.
         return image_outputs(predictor, images, views=views, bfloat16=bfloat16 and native_bfloat16(predictor.device.type))
 
-    val_images = decode_samples(val)
-    splits = {"train": fit_data(outputs(decode_samples(train)), train), "val": fit_data(outputs(val_images), val)}
+    train_images, val_images = decode_samples(train), decode_samples(val)
+    splits = {"train": fit_data(outputs(train_images), train), "val": fit_data(outputs(val_images), val)}
     calibration = dataclasses.replace(fit_calibration(splits["train"], splits["val"]), views=views, bfloat16=bfloat16)
     val_lesions = [s.lesion_id for s in val]
     out_of_fold = {name: out_of_fold_calibration(splits["val"].logits, splits["val"].labels, val_lesions, fit=fit)
@@ -168,10 +186,21 @@ def calibrate_checkpoint(weights: Path, train: list[Sample], val: list[Sample], 
 
     rng = np.random.default_rng(SELECTION_SEED)
     chosen = [val_images[i] for i in rng.choice(len(val_images), min(DAMAGED_LESIONS, len(val_images)), replace=False)]
-    selection_set = out_of_domain_set(chosen, SELECTION_SEED)
-    candidates = score_candidates(splits["train"], splits["val"], outputs([im for _, im in selection_set]))
-    comparison = {name: {"auroc": auroc(v, o), "flagged": flagged_share(o, threshold_for(v))}
-                  for name, (v, o) in candidates.items()}
+    selection_set = [im for _, im in out_of_domain_set(chosen, SELECTION_SEED)]
+    rechecked = {f"validation lesions, {source}": [SOURCES[source](im) for im in val_images] for source in RECHECKED_SOURCES}
+    if photos:
+        rechecked |= {"full-size photos": photos, "full-size photos, 1200x900, JPEG 90": [
+            SOURCES["1200x900, JPEG 90"](im) for im in photos]}
+    candidates = score_candidates(
+        splits["train"], splits["val"], outputs(selection_set), {name: outputs(ims) for name, ims in rechecked.items()},
+        {name: channel_statistics(predictor, ims) for name, ims in
+         {"train": train_images, "val": val_images, "ood": selection_set, **rechecked}.items()})
+    del train_images
+    comparison = {name: {"auroc": auroc(scores["val"], scores["ood"]),
+                         "flagged": flagged_share(scores["ood"], threshold_for(scores["val"])),
+                         "lesions_flagged": {group: flagged_share(scores[group], threshold_for(scores["val"]))
+                                             for group in rechecked}}
+                  for name, scores in candidates.items()}
     val_scores = calibration.domain_score(splits["val"].statistics, splits["val"].features)
     val_probabilities = calibration.probabilities(splits["val"].logits)
     report = {
@@ -187,7 +216,8 @@ def calibrate_checkpoint(weights: Path, train: list[Sample], val: list[Sample], 
         "out_of_domain": {
             "threshold": calibration.domain_threshold,
             "validation_lesions_flagged": flagged_share(val_scores, calibration.domain_threshold),
-            "selection_set": {"images": len(selection_set), "candidates": comparison},
+            "selection_set": {"images": len(selection_set), "candidates": comparison,
+                              "lesion_images": {group: len(ims) for group, ims in rechecked.items()}},
         },
     }
     if held_out_run is None:
@@ -440,6 +470,11 @@ def format_calibration(report: dict) -> str:
         f"candidate scores (validation lesions vs the seed-{SELECTION_SEED} set, {ood['selection_set']['images']} images):",
         *(f"  {name:<42} AUROC {m['auroc']:.4f}  flagged {m['flagged']:.3f}"
           for name, m in ood["selection_set"]["candidates"].items()),
+        "share of other lesion images flagged at each candidate's threshold: "
+        + "; ".join(f"({i}) {group} ({count})"
+                    for i, (group, count) in enumerate(ood["selection_set"]["lesion_images"].items(), 1)),
+        *(f"  {name:<42} " + "  ".join(f"({i}) {share:.3f}" for i, share in enumerate(m["lesions_flagged"].values(), 1))
+          for name, m in ood["selection_set"]["candidates"].items()),
         *([] if tested else ["no test figures: these weights were trained on the test split too"]),
     ]
     return "\n".join(lines)
@@ -462,6 +497,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="for weights trained with --train-on-test: the calibrated report of the same recipe's run "
                         "that held the test split out, whose test figures the report and card carry (default: the one "
                         "already in the weights' report)")
+    parser.add_argument("--photos", type=Path, default=None,
+                        help="a folder of full-size HAM10000 photos with metadata.csv (../shared/data/ham10000-fullres) "
+                        "to re-check the candidate out-of-domain scores on, as given and upscaled")
     args = parser.parse_args(argv)
     weights = args.weights or Path("model_store") / f"{args.type}.pt"
     report_path = args.json or weights.with_suffix(".json")
@@ -473,12 +511,14 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"{source} has no test figures: give the calibrated training report of a run "
                              "that held the test split out")
         train, val, test = split_dataset(args.root, args.seed, train_on_test=held_out_run is not None)
-        result = calibrate_checkpoint(weights, train, val, test, args.views, args.bfloat16, held_out_run)
+        photos = decode_samples(read_samples(args.photos)) if args.photos else None
+        result = calibrate_checkpoint(weights, train, val, test, args.views, args.bfloat16, held_out_run, photos)
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(format_calibration(result["calibration"]))
     if args.json or report_path.exists():
+        report.pop("sources", None)  # measured with the calibration this replaces (python -m training.sources)
         if "held_out_run" in result:
             report.pop("test", None)
         report.update(result)

@@ -224,6 +224,8 @@ def render(reports: dict[str, dict]) -> str:
               tested_calibration)
           for kind in report_set["flagged_by_kind"]),
     ])
+    if all("sources" in report for report in reports.values()):
+        lines += source_lines({a: reports[a]["sources"] for a in archs})
     melanoma = " and ".join(f"{test[a]['melanoma_sensitivity']:.2f}" for a in archs)
     flagged = max(tested_calibration[a]["out_of_domain"]["test_lesions_flagged"] for a in archs)
     ece = " and ".join(f"{tested_calibration[a]['test_after']['ece']:.3f}" for a in archs)
@@ -265,10 +267,33 @@ def render(reports: dict[str, dict]) -> str:
           if all(mean_malignant_probability(test[a]) > malignant_share(test[a]) for a in archs)
           else []),
         "- Seven classes only: anything else (e.g. squamous cell carcinoma, scars) gets one of the seven labels.",
-        "- The images are 200x150 copies; full-size photos are downscaled to the model's input the same way.",
+        "- **Photo sizes**: the model was trained on 200x150 copies; the answers were checked on photos from 200x150 to",
+        "  4000x3000 pixels at JPEG quality 75-95 (Photo sizes), not on smaller photos, lower qualities or close crops.",
         "",
     ]
     return "\n".join(lines)
+
+
+def source_lines(sources: dict[str, dict]) -> list[str]:
+    """The Photo sizes section: `python -m training.sources --json`'s table of each model's report."""
+    first = next(iter(sources.values()))
+    groups = list(first["table"])
+    lines = [
+        "",
+        "## Photo sizes",
+        "The same lesions from other sources (`python -m training.sources`, training/sources.py): the share the",
+        "out-of-domain check flags, per model, for " + "; ".join(f"{group} ({count})" for group, count in first["images"].items())
+        + f" (validation and test: every {first['every']}th image, 200x150 copies, so their larger sizes are upscales).",
+        "Last column: how often the full-size photos keep the label they get as given. A photo over 2048 px is decoded",
+        "at a reduced scale (JPEG) or reduced by a whole factor to a longer side of 1024-2047 px before the one resize to",
+        "the model's input, so larger photos behave as 4000x3000 does; a portrait photo is turned a quarter first.",
+        "Not checked: photos under 200x150, JPEG quality under 75, crops closer than 85%: expect more to be flagged.",
+        "",
+    ]
+    rows = [[name, *(" / ".join(f"{sources[a]['table'][g][name]['flagged']:.3f}" for g in groups) for a in sources),
+             " / ".join(f"{sources[a]['table'][groups[0]][name]['same_label']:.3f}" for a in sources)]
+            for name in first["table"][groups[0]]]
+    return lines + table(["source", *(f"{a}: flagged" for a in sources), "same label"], rows)
 
 
 def read_reports(store: Path) -> dict[str, dict]:
