@@ -13,8 +13,10 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from serve import build_archives, free_port, free_ports, start_service, stop_service
 from skinlesion.model import ARCHITECTURES, DEFAULT_IMAGE_SIZE, build_model, save_checkpoint
@@ -68,6 +70,14 @@ def http_stub(answers: list[tuple]) -> Iterator[ThreadingHTTPServer]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def ramp_image(size: tuple[int, int] = (600, 450)) -> Image.Image:
+    """A generated picture no lesion photo resembles, flagged out of domain by the input statistics alone (no second
+    derivative anywhere), so even by the suite's random-weight checkpoints. Random noise is not: shrunk to the
+    model's input it is a faintly grainy grey, which only trained features give away (tests/test_shipped_models.py)."""
+    ramp = np.linspace(0.0, 1.0, size[0])[None, :, None] * np.array([40.0, 220.0, 90.0]) + np.array([200.0, 20.0, 120.0])
+    return Image.fromarray(np.repeat(np.clip(ramp, 0, 255), size[1], axis=0).astype(np.uint8))
 
 
 @pytest.fixture(scope="session")

@@ -10,15 +10,13 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import numpy as np
 import pytest
 import requests
-from PIL import Image
 
 import client
 from serve import free_port, set_default
 from skinlesion.model import CLASS_NAMES
-from tests.conftest import ROOT, http_stub
+from tests.conftest import ROOT, http_stub, ramp_image
 
 
 def run_client(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -37,7 +35,7 @@ def test_one_image_prints_a_table_with_the_class(service, original_photo) -> Non
 
 def test_warnings_are_in_the_table_and_in_the_json(service, tmp_path: Path) -> None:
     noise = tmp_path / "noise.png"
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (450, 600, 3), dtype=np.uint8)).save(noise)
+    ramp_image().save(noise)
     table = run_client("--url", service.predict_url, str(noise))
     assert table.returncode == 0, table.stderr
     header, row, warning = table.stdout.splitlines()

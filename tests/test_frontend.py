@@ -12,14 +12,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from serve import free_port
 from skinlesion.model import CLASS_NAMES
-from tests.conftest import ROOT
+from tests.conftest import ROOT, ramp_image
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -131,7 +129,7 @@ def test_upload_shows_prediction_and_chart(page: Page, app_url: str, original_ph
 
 def test_a_non_lesion_image_shows_the_warning_instead_of_the_label(page: Page, app_url: str, tmp_path: Path) -> None:
     noise = tmp_path / "noise.png"
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (450, 600, 3), dtype=np.uint8)).save(noise)
+    ramp_image().save(noise)
     open_and_upload(page, app_url, noise)
     expect(page.get_by_text("Not a usable lesion photo")).to_be_visible(timeout=PAGE_MS)
     expect(page.get_by_text(re.compile("does not look like the dermatoscopic lesion photos"))).to_be_visible()

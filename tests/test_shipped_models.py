@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from skinlesion.image import decode_image
 from skinlesion.model import ARCHITECTURES, DEFAULT_IMAGE_SIZE
@@ -203,3 +204,14 @@ def test_full_size_photos_and_their_copies_get_the_same_answers(fullres_images) 
         assert float((full - other).abs().max(1).values.mean()) < 0.05
     for scores in (full_scores, copy_scores, upscaled_scores):
         assert float((scores > threshold).float().mean()) <= 0.05
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_random_noise_is_flagged_at_every_size(arch: str) -> None:
+    """Shrunk to the model's input, noise is a faintly grainy grey that the input statistics alone no longer set
+    far apart (they read no full-resolution detail, which tells the photo's source); the trained features do."""
+    predictor = Predictor.from_checkpoint(ROOT / "model_store" / f"{arch}.pt")
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((150, 200), (450, 600), (900, 1200))]
+    _, scores = answers(predictor, images)
+    assert bool((scores > predictor.calibration.domain_threshold).all()), scores.tolist()
