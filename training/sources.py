@@ -89,7 +89,7 @@ def answers(predictor: Predictor, images: list[Image.Image], batch_size: int = 3
 def groups(root: Path, photos: Path, every: int) -> dict[str, tuple[list[Image.Image], np.ndarray | None]]:
     """Each group's images as given and its labels (None for the out-of-domain set)."""
     _, val, test = split_dataset(root, 0)
-    full = sorted((s for s in read_samples(photos)), key=lambda s: s.image_id)
+    full = sorted(read_samples(photos), key=lambda s: s.image_id)
     data = {s.image_id: s.path.read_bytes() for s in full}
     original = [s for s in full if len(data[s.image_id]) > ORIGINAL_QUALITY_BYTES]
 
