@@ -12,6 +12,7 @@ Tests call it too, on free ports.
 from __future__ import annotations
 
 import argparse
+import grp
 import json
 import os
 import pwd
@@ -19,8 +20,10 @@ import random
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -36,16 +39,18 @@ MODELS = TORCHSERVE_MODELS
 
 
 def render_nginx_conf(listen: str, upstreams: list[str], run_dir: Path, log_dir: Path, user: str,
-                      page_listen: str | None = None) -> str:
+                      page_listen: str | None = None, temp_dir: Path | None = None) -> str:
     """proxy/nginx.conf with its ${VARIABLES} filled in, as the nginx image's envsubst would; `user` runs the
-    workers (where nginx starts as root); `page_listen` (none in the local run) is the page's own address, where
-    nginx takes the page's word for who its user is."""
+    workers (where nginx starts as root: "name group"), which write request bodies under `temp_dir` (default
+    `run_dir`); `page_listen` (none in the local run) is the page's own address, where nginx takes the page's
+    word for who its user is."""
     values = {
         "NGINX_USER": user,
         "NGINX_LISTEN": listen,
         "NGINX_PAGE_LISTEN": f"listen {page_listen};" if page_listen else "",
         "NGINX_PAGE_PORT": page_listen.rsplit(":", 1)[-1] if page_listen else "",
         "NGINX_RUN_DIR": str(run_dir),
+        "NGINX_TEMP_DIR": str(temp_dir or run_dir),
         "NGINX_LOG_DIR": str(log_dir),
         "TORCHSERVE_SERVERS": "\n        ".join(f"server {u} max_fails=1 fail_timeout=5s;" for u in upstreams),
     }
@@ -179,14 +184,69 @@ def start_nginx(run_dir: Path, listen: str, upstreams: list[str], page_listen: s
     conf = run_dir / "nginx.conf"
     log_dir = run_dir / "nginx"
     log_dir.mkdir(parents=True, exist_ok=True)
-    # The workers run as the run folder's owner, as they write request bodies there: pytest's folders are private
-    # to their owner, and as root nginx's default user ("nobody") could not reach them.
-    owner = pwd.getpwuid(run_dir.stat().st_uid).pw_name
-    conf.write_text(render_nginx_conf(listen, upstreams, run_dir, log_dir, owner, page_listen))
+    user, temp_dir = nginx_workers(run_dir)
+    conf.write_text(render_nginx_conf(listen, upstreams, run_dir, log_dir, user, page_listen, temp_dir))
     command = [nginx, "-c", str(conf), "-e", str(log_dir / "error.log")]
     # Restarting TorchServe alone leaves nginx up: reload its configuration instead of a second bind.
     subprocess.run(command + (["-s", "reload"] if nginx_running(run_dir) else []), check=True)
     return conf
+
+
+# Who nginx's workers run as when its master runs as root, the first that exists: Debian's nginx user, the nginx
+# image's, and the one every Linux has. Never root: a worker parses every request from the network.
+NGINX_WORKER_USERS = ("www-data", "nginx", "nobody")
+# Where such workers write request bodies: a folder any user can reach, on disk (/tmp may be memory: tmpfs).
+NGINX_TEMP_PARENT = Path("/var/tmp")
+
+
+def nginx_workers(run_dir: Path) -> tuple[str, Path]:
+    """The value of nginx's `user` ("name group") and the folder its workers write request bodies in.
+
+    Not root: nginx ignores `user`, its workers run as we do and write in the run folder. Root: an unprivileged
+    user, writing in a folder of the run's own under NGINX_TEMP_PARENT, as the run folder may sit in a folder only
+    root can enter (pytest's and the benchmarks' do). That folder is root's; nginx makes the folders inside it and
+    gives them to the workers, which so cannot swap one for a link to a file root would then hand them."""
+    if os.geteuid() != 0:
+        return pwd.getpwuid(os.geteuid()).pw_name, run_dir
+    for name in NGINX_WORKER_USERS:
+        try:
+            worker = pwd.getpwnam(name)
+            break
+        except KeyError:
+            continue
+    else:
+        raise RuntimeError(f"none of the users nginx's workers may run as exists: {', '.join(NGINX_WORKER_USERS)}")
+    try:
+        group = grp.getgrgid(worker.pw_gid).gr_name
+    except KeyError:
+        group = worker.pw_name
+    return f"{worker.pw_name} {group}", nginx_temp_dir(run_dir)
+
+
+def nginx_temp_dir(run_dir: Path) -> Path:
+    """The run's folder for nginx's temp files under NGINX_TEMP_PARENT, linked from the run folder as
+    `nginx-temp`: the one already made while it is still root's and closed to others' writes (nginx reloaded
+    keeps its in-flight bodies there), else a new one."""
+    link = run_dir / "nginx-temp"
+    try:
+        kept = link.readlink()
+        info = kept.lstat()
+        if stat.S_ISDIR(info.st_mode) and info.st_uid == 0 and not info.st_mode & 0o022:
+            return kept
+    except OSError:
+        pass
+    made = Path(tempfile.mkdtemp(prefix="skin-nginx-", dir=NGINX_TEMP_PARENT))
+    made.chmod(0o711)  # workers pass through to their own folders; nobody lists or writes it
+    link.unlink(missing_ok=True)
+    link.symlink_to(made)
+    return made
+
+
+def remove_nginx_temp_dir(run_dir: Path) -> None:
+    link = run_dir / "nginx-temp"
+    if link.is_symlink():
+        shutil.rmtree(link.readlink(), ignore_errors=True)
+        link.unlink()
 
 
 def nginx_running(run_dir: Path) -> bool:
@@ -197,13 +257,19 @@ def nginx_running(run_dir: Path) -> bool:
     return True
 
 
-def stop_nginx(run_dir: Path) -> None:
+def stop_nginx(run_dir: Path, wait: float = 5.0) -> None:
+    """Ask nginx to finish its requests and quit; once it has (or after `wait` seconds), remove its temp folder."""
     pid_file = run_dir / "nginx.pid"
     if pid_file.exists():
         try:
             os.kill(int(pid_file.read_text()), signal.SIGQUIT)
         except (ProcessLookupError, ValueError):
             pass
+        try:
+            wait_for(lambda: not nginx_running(run_dir), "nginx's exit", wait)
+        except TimeoutError:
+            pass
+    remove_nginx_temp_dir(run_dir)
 
 
 def health_ok(url: str) -> bool:

@@ -6,6 +6,7 @@ keys its limits on the client address."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 import threading
@@ -15,6 +16,8 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+
+import pytest
 
 import serve
 from skinlesion.options import EXPLAIN_PATH
@@ -200,6 +203,29 @@ def nginx_worker(run_dir: Path) -> int:
     return int(worker)
 
 
+def body_dir(run_dir: Path) -> str:
+    return re.search(r"client_body_temp_path (\S+);", (run_dir / "nginx.conf").read_text())[1]
+
+
+def test_workers_started_as_root_drop_to_an_unprivileged_user_and_still_buffer_bodies(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("nginx runs its workers as its `user` only when started as root")
+    recorder = Recorder()
+    # tmp_path sits in pytest's folder, which only root may enter: the workers write bodies elsewhere.
+    with proxy(tmp_path, [recorder]) as served:
+        worker = nginx_worker(tmp_path)
+        status = Path(f"/proc/{worker}/status").read_text()
+        uids = re.search(r"^Uid:\s+(.*)$", status, re.MULTILINE)[1].split()
+        gids = re.search(r"^Gid:\s+(.*)$", status, re.MULTILINE)[1].split()
+        body = {"image": "A" * 2**20}  # 16 times the 64 KiB kept in memory: the worker writes it to a temp file
+        answered = post(served.port, "127.0.9.1", body)
+        temp_dir = Path(body_dir(tmp_path)).parent
+    assert "0" not in uids + gids, (uids, gids)  # real, effective, saved and filesystem ids
+    assert answered == 200
+    assert [int(p.headers["content-length"]) for p in recorder.passes] == [len(json.dumps(body))]
+    assert not temp_dir.exists()  # removed once nginx has quit
+
+
 def test_slow_bodies_are_held_on_disk_not_in_memory(tmp_path: Path) -> None:
     sent = 8 * 2**20
     with proxy(tmp_path, [Recorder()]) as served:
@@ -213,7 +239,7 @@ def test_slow_bodies_are_held_on_disk_not_in_memory(tmp_path: Path) -> None:
             grown = resident_kib(worker) - before
             # nginx unlinks a body's temp file once it has opened it: found by the worker's open files.
             buffered = [fd.stat().st_size for fd in Path(f"/proc/{worker}/fd").iterdir()
-                        if fd.readlink().as_posix().startswith(f"{tmp_path / 'client_body'}/")]
+                        if fd.readlink().as_posix().startswith(f"{body_dir(tmp_path)}/")]
         finally:
             for sock in sockets:
                 sock.close()
