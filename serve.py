@@ -167,7 +167,13 @@ def run_torchserve(run_dir: Path, model_store: Path, ports: dict[str, int], defa
         signal.signal(stop_signal, lambda *_: stop_torchserve(run_dir))
     process = subprocess.Popen([*torchserve_command(model_store), "--foreground"],
                                env=torchserve_env(run_dir, ports, bind), cwd=run_dir)
-    await_versions(ports, default, timeout, alive=lambda: process.poll() is None)
+    try:
+        await_versions(ports, default, timeout, alive=lambda: process.poll() is None)
+    except BaseException:
+        # The container's command gives up: TorchServe (a child that outlives us) must go with it.
+        stop_torchserve(run_dir)
+        process.wait()
+        raise
     print(f"TorchServe serving {default} (default) on {bind}:{ports['inference']}", flush=True)
     return process.wait()
 

@@ -333,3 +333,27 @@ def test_stopping_one_instance_under_load_loses_no_answer(scaled_out: ScaledOut,
     assert len(after) >= LOAD_THREADS, "the load stopped with the instance"
     assert [a.status for a in after] == [200] * len(after), [a.body for a in after if a.status != 200]
     assert survivor.inference_requests() - served_before >= len(after)
+
+
+def processes_in(folder: Path) -> list[int]:
+    """Processes whose working directory is `folder` (TorchServe's frontend and workers run in their run folder)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and Path(os.readlink(entry / "cwd")) == folder:
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def test_a_container_command_that_gives_up_waiting_takes_torchserve_with_it(model_store: Path, tmp_path: Path) -> None:
+    """The container's command waits for the model workers; when it gives up (a slow start on a busy host), the
+    TorchServe it started must not run on without it, holding ports and memory."""
+    ports = serve.free_ports(())
+    script = ("import sys, serve; from pathlib import Path; "
+              f"serve.run_torchserve(Path({str(tmp_path)!r}), Path({str(model_store)!r}), {ports!r}, 'resnet18', "
+              "'127.0.0.1', timeout=1)")
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "not ready after 1 s" in result.stderr
+    serve.wait_for(lambda: not processes_in(tmp_path), "TorchServe to stop", 60)
