@@ -173,6 +173,49 @@ def fit_malignancy_threshold(probabilities: torch.Tensor, labels: torch.Tensor) 
     return float(scores[needed - 1])
 
 
+# Nonconformity scores a prediction set can be built from (training/conformal.py chooses one on validation
+# lesions): "lac", 1 - p(class); "aps", the probability of the classes at least as probable as this one, itself
+# included (adaptive prediction sets); "raps", aps plus RAPS_PENALTY per rank past RAPS_FREE_RANKS. None is
+# randomised: a photo sent twice gets the same set.
+SET_SCORES = ("lac", "aps", "raps")
+RAPS_PENALTY, RAPS_FREE_RANKS = 0.1, 1
+
+
+def set_scores(probabilities: torch.Tensor, score: str) -> torch.Tensor:
+    """N x K nonconformity of each class for each image (higher = less plausible)."""
+    probabilities = probabilities.double()
+    if score == "lac":
+        return 1 - probabilities
+    order = probabilities.argsort(dim=-1, descending=True, stable=True)
+    ranks = order.argsort(dim=-1)  # 0 for the most probable class
+    cumulative = probabilities.gather(-1, order).cumsum(-1).gather(-1, ranks)
+    if score == "aps":
+        return cumulative
+    if score == "raps":
+        return cumulative + RAPS_PENALTY * (ranks + 1 - RAPS_FREE_RANKS).clamp_min(0)
+    raise ValueError(f"unknown set score {score!r}; one of {', '.join(SET_SCORES)}")
+
+
+def prediction_sets(probabilities: torch.Tensor, score: str, thresholds: torch.Tensor | tuple[float, ...]) -> torch.Tensor:
+    """N x K: whether each class is in each image's set, i.e. its score is within its class's threshold. The most
+    probable class always is: an empty set would say no diagnosis fits, which no score here can tell."""
+    thresholds = torch.as_tensor(thresholds, dtype=torch.float64)
+    members = set_scores(probabilities, score) <= thresholds
+    return members | torch.nn.functional.one_hot(probabilities.argmax(-1), probabilities.shape[-1]).bool()
+
+
+@dataclass(frozen=True)
+class SetFit:
+    """Prediction sets fitted for each coverage level (skinlesion.options.COVERAGE_LEVELS): the score, and per level
+    one threshold per class (CLASS_CODES order; inf where the class is always in the set)."""
+
+    score: str
+    thresholds: dict[float, tuple[float, ...]]
+
+    def members(self, probabilities: torch.Tensor, level: float) -> torch.Tensor:
+        return prediction_sets(probabilities, self.score, self.thresholds[level])
+
+
 @dataclass(frozen=True)
 class Calibration:
     # One per class (CLASS_CODES order), applied to the images predicted that class.
@@ -185,6 +228,8 @@ class Calibration:
     # (skinlesion.image.TTA_VIEWS) and a bfloat16 trunk.
     views: str = "none"
     bfloat16: bool = False
+    # Conformal prediction sets (training/conformal.py); None for a checkpoint calibrated before they existed.
+    sets: SetFit | None = None
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         return class_tempered_softmax(logits, self.temperatures)
@@ -202,6 +247,9 @@ class Calibration:
             "domain": {name: vars(g) for name, g in self.domain.items()},
             "views": self.views,
             "bfloat16": self.bfloat16,
+            "sets": None if self.sets is None else {
+                "score": self.sets.score,
+                "thresholds": {str(level): list(t) for level, t in self.sets.thresholds.items()}},
         }
 
     @classmethod
@@ -220,6 +268,9 @@ class Calibration:
             domain=domain,
             views=state.get("views", "none"),
             bfloat16=bool(state.get("bfloat16", False)),
+            sets=SetFit(state["sets"]["score"], {float(level): tuple(float(t) for t in thresholds)
+                                                for level, thresholds in state["sets"]["thresholds"].items()})
+            if state.get("sets") else None,
         )
 
 

@@ -6,6 +6,10 @@ from __future__ import annotations
 # Explanation methods and LIME's precision levels (skinlesion.explain.PRECISION_SETTINGS has one entry each).
 METHODS = ("lime", "gradcam")
 PRECISIONS = ("Low", "Medium", "High")
+# Coverage levels a prediction set can be asked for (the share of lesions like the validation ones whose true class
+# the set holds), and the one an answer carries unless asked.
+COVERAGE_LEVELS = (0.8, 0.9, 0.95)
+DEFAULT_COVERAGE = 0.9
 # Model versions (skinlesion.model.ARCHITECTURES builds each) and the TorchServe models every version serves:
 # plain predictions (batched) and explanations (archive.sh builds one archive per model and version).
 ARCHITECTURE_NAMES = ("resnet18", "resnet34")

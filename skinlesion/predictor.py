@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,7 @@ from torch import nn
 from skinlesion.calibration import MALIGNANT_CODES, Calibration, input_statistics, malignant_probability
 from skinlesion.image import TTA_VIEWS, dihedral_views, preprocess
 from skinlesion.model import CLASS_CODES, CLASS_NAMES, CLASSES, load_checkpoint
+from skinlesion.options import COVERAGE_LEVELS, DEFAULT_COVERAGE
 
 UNCALIBRATED = {
     "code": "uncalibrated",
@@ -46,7 +48,7 @@ class Outputs:
 
     logits: torch.Tensor  # N x 7, before the temperatures
     features: torch.Tensor  # N x D, the pooled features the classifier reads
-    statistics: torch.Tensor | None  # N x 18, calibration.input_statistics (None when not asked for)
+    statistics: torch.Tensor | None  # N x INPUT_STATISTICS, calibration.input_statistics (None when not asked for)
 
 
 class Predictor:
@@ -124,8 +126,10 @@ class Predictor:
         """Per image, how unlike the training lesions it looks (calibration.Calibration.domain_score)."""
         return self.calibration.domain_score(outputs.statistics, outputs.features) if self.calibration else None
 
-    def describe(self, probabilities: torch.Tensor, domain_score: float | None = None) -> dict:
-        """The response fields for one image's calibrated probability vector and domain score."""
+    def describe(self, probabilities: torch.Tensor, domain_score: float | None = None,
+                 coverage: float = DEFAULT_COVERAGE) -> dict:
+        """The response fields for one image's calibrated probability vector and domain score, with its prediction
+        set at `coverage` (skinlesion.options.COVERAGE_LEVELS)."""
         best = int(probabilities.argmax())
         malignant = float(malignant_probability(probabilities))
         answer = {
@@ -137,6 +141,8 @@ class Predictor:
             "malignancy_alert": None,
             "in_domain": None,
             "domain_score": None,
+            "prediction_set": None,
+            "set_coverage": None,
             "warnings": [],
         }
         if self.calibration is None:
@@ -151,12 +157,21 @@ class Predictor:
                     "code": "out_of_domain",
                     "message": f"this image does not look like the dermatoscopic lesion photos the model was trained "
                     f"on (domain score {domain_score:.1f}, lesions score at most {self.calibration.domain_threshold:.1f}): "
-                    "the prediction is likely meaningless",
+                    "the prediction is likely meaningless" + ("; its prediction set holds every class, as the coverage "
+                                                              "holds only for photos like them" if self.calibration.sets else ""),
                 })
+        if self.calibration.sets is not None:
+            members = (self.calibration.sets.members(probabilities[None], coverage)[0] if answer["in_domain"] is not False
+                       else torch.ones(len(CLASS_NAMES), dtype=torch.bool))
+            answer["prediction_set"] = [CLASS_NAMES[k] for k in probabilities.argsort(descending=True, stable=True).tolist()
+                                        if members[k]]
+            answer["set_coverage"] = coverage
         return answer
 
-    def predict(self, images: list[Image.Image], timings: dict[str, float] | None = None) -> list[dict]:
-        """Response fields per image; `timings` (if given) gets the milliseconds spent preprocessing and in the model."""
+    def predict(self, images: list[Image.Image], timings: dict[str, float] | None = None,
+                coverages: list[float] | None = None) -> list[dict]:
+        """Response fields per image, with each image's prediction set at its `coverages` entry (default
+        DEFAULT_COVERAGE); `timings` (if given) gets the milliseconds spent preprocessing and in the model."""
         start = time.perf_counter()
         inputs = torch.stack([self.preprocess(image) for image in images])
         preprocessed = time.perf_counter()
@@ -166,7 +181,9 @@ class Predictor:
         if timings is not None:
             timings["preprocess"] = (preprocessed - start) * 1000
             timings["forward"] = (time.perf_counter() - preprocessed) * 1000
-        return [self.describe(p, None if scores is None else float(scores[i])) for i, p in enumerate(probabilities)]
+        coverages = coverages or [DEFAULT_COVERAGE] * len(images)
+        return [self.describe(p, None if scores is None else float(scores[i]), coverages[i])
+                for i, p in enumerate(probabilities)]
 
     def model_card(self) -> dict:
         """What GET /model answers: the model, its calibration and thresholds, and its measured test metrics."""
@@ -187,5 +204,12 @@ class Predictor:
                 "malignancy": calibration.malignancy_threshold if calibration else None,
             },
             "malignant_classes": list(MALIGNANT_CODES),
+            # The levels a request may ask its prediction set for, and each class's fitted threshold per level
+            # (null: the class is in every set at that level, too few validation images to exclude it).
+            "prediction_sets": {
+                "levels": list(COVERAGE_LEVELS), "default": DEFAULT_COVERAGE, "score": calibration.sets.score,
+                "thresholds": {str(level): {code: None if math.isinf(x) else x for code, x in zip(CLASS_CODES, t, strict=True)}
+                               for level, t in calibration.sets.thresholds.items()},
+            } if calibration and calibration.sets else None,
             "test_metrics": self.card,
         }

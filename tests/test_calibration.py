@@ -34,12 +34,12 @@ from training.calibrate import (
     OUT_OF_FOLD_GROUPS,
     class_temperatures,
     fit_temperature,
-    lesion_folds,
     out_of_fold_calibration,
     resplit_calibration_error,
     temperature_and_class_bias,
     temperature_scaling,
 )
+from training.data import lesion_folds
 from training.evaluate import calibration_error_floor, expected_calibration_error
 from training.ood import SAMPLE_PHOTOS, out_of_domain_set
 

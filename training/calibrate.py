@@ -46,7 +46,8 @@ from skinlesion.calibration import (
 from skinlesion.image import TTA_VIEWS, decode_image
 from skinlesion.model import ARCHITECTURES, CLASS_CODES, add_to_checkpoint, load_checkpoint
 from skinlesion.predictor import Outputs, Predictor, native_bfloat16
-from training.data import Sample, read_samples, split_dataset
+from training.conformal import candidate_name, choose_sets, format_sets, sets_on_test
+from training.data import Sample, lesion_folds, read_samples, split_dataset
 from training.evaluate import (
     calibration_error_floor,
     compute_metrics,
@@ -54,6 +55,7 @@ from training.evaluate import (
     macro_auc,
     malignant_calibration_error,
     one_vs_rest_aucs,
+    reliability_bins,
     to_json,
 )
 from training.ood import out_of_domain_set
@@ -180,6 +182,8 @@ def calibrate_checkpoint(weights: Path, train: list[Sample], val: list[Sample], 
     splits = {"train": fit_data(outputs(train_images), train), "val": fit_data(outputs(val_images), val)}
     calibration = dataclasses.replace(fit_calibration(splits["train"], splits["val"]), views=views, bfloat16=bfloat16)
     val_lesions = [s.lesion_id for s in val]
+    sets, sets_report = choose_sets(calibration.probabilities(splits["val"].logits), splits["val"].labels, val_lesions)
+    calibration = dataclasses.replace(calibration, sets=sets)
     out_of_fold = {name: out_of_fold_calibration(splits["val"].logits, splits["val"].labels, val_lesions, fit=fit)
                    for name, fit in CALIBRATORS.items()}
     shipped_calibrator = next(iter(CALIBRATORS))
@@ -219,6 +223,7 @@ def calibrate_checkpoint(weights: Path, train: list[Sample], val: list[Sample], 
             "selection_set": {"images": len(selection_set), "candidates": comparison,
                               "lesion_images": {group: len(ims) for group, ims in rechecked.items()}},
         },
+        "prediction_sets": sets_report,
     }
     if held_out_run is None:
         metrics = score_test_split(outputs, test, calibration, report, splits["val"], val_lesions)
@@ -226,7 +231,7 @@ def calibrate_checkpoint(weights: Path, train: list[Sample], val: list[Sample], 
     else:
         tested = {key: held_out_run[key] for key in HELD_OUT_KEYS}
         result = {"calibration": report, "held_out_run": tested}
-    card = {**card_metrics(tested), **({"from_held_out_run": True} if held_out_run is not None else {})}
+    card = {**card_metrics(tested, report), **({"from_held_out_run": True} if held_out_run is not None else {})}
     add_to_checkpoint(weights, calibration=calibration.to_state(), card=json.loads(to_json(card)))
     return result
 
@@ -261,6 +266,10 @@ def score_test_split(outputs: Callable[[list[Image.Image]], Outputs], test: list
     report["malignancy"].update(zip(("test_sensitivity", "test_specificity"),
                                     alert_rates(after, test_data.labels, calibration), strict=True))
     report["malignancy"]["test_auc"] = metrics["malignant_auc"]
+    report["test_after"]["reliability"] = reliability_bins(test_data.labels.numpy(), after.numpy())
+    report["prediction_sets"]["test"] = sets_on_test(
+        calibration.sets, report["prediction_sets"]["grouping"], calibration.probabilities(val.logits), val.labels,
+        after, test_data.labels)
     report["out_of_domain"].update({
         "test_lesions_flagged": flagged_share(test_scores, calibration.domain_threshold),
         "report_set": {
@@ -274,9 +283,12 @@ def score_test_split(outputs: Callable[[list[Image.Image]], Outputs], test: list
     return metrics
 
 
-def card_metrics(tested: dict) -> dict:
-    """The test figures GET /model quotes, from a report's "test" and "calibration"."""
+def card_metrics(tested: dict, own: dict) -> dict:
+    """The test figures GET /model quotes, from a report's "test" and "calibration"; the prediction sets' fit and
+    validation figures from `own`, the calibration report of the weights themselves."""
     metrics, calibration = tested["test"], tested["calibration"]
+    sets = own["prediction_sets"]
+    chosen = sets["validation_out_of_fold"][candidate_name(sets["score"], sets["grouping"])]
     return {
         "test_images": metrics["n_images"],
         **{key: metrics[key] for key in ("accuracy", "balanced_accuracy", "macro_auc", "melanoma_auc",
@@ -285,6 +297,9 @@ def card_metrics(tested: dict) -> dict:
         "malignancy_specificity": calibration["malignancy"]["test_specificity"],
         "out_of_domain_auroc": calibration["out_of_domain"]["report_set"]["auroc"],
         "test_lesions_flagged_out_of_domain": calibration["out_of_domain"]["test_lesions_flagged"],
+        "prediction_sets": {"score": sets["score"], "grouping": sets["grouping"],
+                            "test": calibration["prediction_sets"]["test"]["levels"],
+                            "validation_out_of_fold": chosen},
     }
 
 
@@ -352,13 +367,6 @@ def calibrators_scored(report: dict) -> dict[str, dict]:
     """A calibration report's out-of-fold validation figures by calibrator, the shipped one first, marked so."""
     return {f"{next(iter(CALIBRATORS))} (shipped)": report["validation_out_of_fold"],
             **report["validation_out_of_fold_alternatives"]}
-
-
-def lesion_folds(lesions: list[str], folds: int, seed: int = SELECTION_SEED) -> torch.Tensor:
-    """Each image's fold: the lesions shuffled (seeded) and dealt round, so a lesion's images share one fold."""
-    order = np.random.default_rng(seed).permutation(sorted(set(lesions)))
-    fold_of = {lesion: i % folds for i, lesion in enumerate(order)}
-    return torch.tensor([fold_of[lesion] for lesion in lesions])
 
 
 def out_of_fold_probabilities(logits: torch.Tensor, labels: torch.Tensor, lesions: list[str], folds: int,
@@ -475,6 +483,7 @@ def format_calibration(report: dict) -> str:
                     for i, (group, count) in enumerate(ood["selection_set"]["lesion_images"].items(), 1)),
         *(f"  {name:<42} " + "  ".join(f"({i}) {share:.3f}" for i, share in enumerate(m["lesions_flagged"].values(), 1))
           for name, m in ood["selection_set"]["candidates"].items()),
+        *format_sets(report["prediction_sets"]),
         *([] if tested else ["no test figures: these weights were trained on the test split too"]),
     ]
     return "\n".join(lines)
@@ -510,6 +519,9 @@ def main(argv: list[str] | None = None) -> int:
             source = args.held_out or f"{report_path}'s held_out_run"
             raise ValueError(f"{source} has no test figures: give the calibrated training report of a run "
                              "that held the test split out")
+        if held_out_run is not None and "test" not in held_out_run["calibration"].get("prediction_sets", {}):
+            raise ValueError(f"{args.held_out or report_path}: the held-out run has no prediction-set test figures; "
+                             "calibrate that run again first (python -m training.calibrate ... --weights <its weights>)")
         train, val, test = split_dataset(args.root, args.seed, train_on_test=held_out_run is not None)
         photos = decode_samples(read_samples(args.photos)) if args.photos else None
         result = calibrate_checkpoint(weights, train, val, test, args.views, args.bfloat16, held_out_run, photos)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from sklearn.model_selection import StratifiedGroupKFold
 
 from skinlesion.model import CLASS_CODES
@@ -22,6 +23,13 @@ class Sample:
     lesion_id: str
     label: int
     path: Path | None
+
+
+def lesion_folds(lesions: list[str], folds: int, seed: int = 0) -> torch.Tensor:
+    """Each image's fold: the lesions shuffled (seeded) and dealt round, so a lesion's images share one fold."""
+    order = np.random.default_rng(seed).permutation(sorted(set(lesions)))
+    fold_of = {lesion: i % folds for i, lesion in enumerate(order)}
+    return torch.tensor([fold_of[lesion] for lesion in lesions])
 
 
 def find_metadata(root: Path) -> Path:

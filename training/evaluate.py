@@ -45,6 +45,17 @@ def expected_calibration_error(labels: np.ndarray, probs: np.ndarray, bins: int 
     return float(binned_calibration_gap(probs.max(axis=1), (probs.argmax(axis=1) == labels).astype(np.float64), bins))
 
 
+def reliability_bins(labels: np.ndarray, probs: np.ndarray, bins: int = 15) -> list[dict]:
+    """Per equal-width bin of top-label confidence: its images, their mean confidence and accuracy (the points of a
+    reliability diagram; empty bins left out)."""
+    confidence = probs.max(axis=1)
+    correct = (probs.argmax(axis=1) == labels).astype(np.float64)
+    membership = confidence_bins(confidence, bins).astype(bool)
+    return [{"low": i / bins, "high": (i + 1) / bins, "images": int(inside.sum()),
+             "confidence": float(confidence[inside].mean()), "accuracy": float(correct[inside].mean())}
+            for i, inside in enumerate(membership.T) if inside.any()]
+
+
 def malignant_calibration_error(labels: np.ndarray, probs: np.ndarray, bins: int = 15) -> float:
     """ECE of `malignant_probability` as a probability of its own: the gap between P(malignant) and the share of
     malignant lesions, averaged over equal-width bins of P(malignant). The top-label ECE cannot see a model that
@@ -139,10 +150,11 @@ def predict_samples(predictor: Predictor, samples: list[Sample], batch_size: int
 
 
 def to_json(value: object) -> str:
-    """Strict JSON: metrics that are undefined here (NaN, e.g. a class absent from the data) become null."""
+    """Strict JSON: metrics that are undefined here (NaN, e.g. a class absent from the data) and unbounded
+    thresholds (inf) become null."""
 
     def clean(v: object) -> object:
-        if isinstance(v, float) and np.isnan(v):
+        if isinstance(v, float) and not np.isfinite(v):
             return None
         if isinstance(v, dict):
             return {k: clean(x) for k, x in v.items()}

@@ -19,7 +19,10 @@ from skinlesion.calibration import (
     MALIGNANT_CODES,
 )
 from skinlesion.model import ARCHITECTURES, CLASSES
+from skinlesion.options import COVERAGE_LEVELS, DEFAULT_COVERAGE
 from training.calibrate import CALIBRATOR_FIGURES, ECE_TARGET, calibrators_scored, shipped_resplit
+from training.conformal import candidate_name
+from training.plots import plot_reliability, plot_set_curves
 
 CITATION = (
     "Tschandl, P., Rosendahl, C. & Kittler, H. The HAM10000 dataset, a large collection of multi-source "
@@ -224,6 +227,7 @@ def render(reports: dict[str, dict]) -> str:
               tested_calibration)
           for kind in report_set["flagged_by_kind"]),
     ])
+    lines += prediction_set_lines(calibration, tested_calibration)
     if any("sources" in report for report in reports.values()):
         lines += source_lines({a: reports[a]["sources"] for a in archs if "sources" in reports[a]})
     melanoma = " and ".join(f"{test[a]['melanoma_sensitivity']:.2f}" for a in archs)
@@ -275,6 +279,60 @@ def render(reports: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def prediction_set_lines(calibration: dict[str, dict], tested_calibration: dict[str, dict]) -> list[str]:
+    """The Prediction sets section: the shipped sets' fit (the weights' own) and their figures on the test split
+    (the held-out run's, for weights trained on it)."""
+    first = next(iter(calibration.values()))["prediction_sets"]
+    lines = [
+        "",
+        "## Prediction sets",
+        "Every answer carries `prediction_set`: the classes that hold the true one for at least the stated share",
+        f"(`set_coverage`, {', '.join(map(str, COVERAGE_LEVELS))}; {DEFAULT_COVERAGE} unless asked) of photos drawn like",
+        "the validation lesions (split conformal prediction, training/conformal.py). The guarantee is an average over",
+        "such photos, not a promise for one photo, and none for photos unlike them: an out-of-domain photo gets every",
+        "class. Coverage is calibrated within groups of true classes ("
+        + "; ".join(", ".join(group) for group in first["groups"]) + "),",
+        "so it holds for melanoma alone and for the malignant classes together; within the benign group, the rare `df`",
+        "and `vasc` (about a dozen validation images each) have no guarantee of their own. Score and grouping, chosen",
+        "on validation lesions out of fold by mean set size at " + f"{DEFAULT_COVERAGE}: "
+        + ", ".join(f"{a} `{c['prediction_sets']['score']}`, {c['prediction_sets']['grouping']}"
+                    for a, c in calibration.items()) + ".",
+        "",
+        "![coverage and mean set size against the level](model_store/prediction_sets.png)"
+        " ![reliability diagram](model_store/reliability.png)",
+        "",
+    ]
+    rows = []
+    for a, c in calibration.items():
+        sets = c["prediction_sets"]
+        validation = sets["validation_out_of_fold"][candidate_name(sets["score"], sets["grouping"])]
+        for level, f in tested_calibration[a]["prediction_sets"]["test"]["levels"].items():
+            v = validation[level]
+            rows.append([a, level, f"{f['coverage']:.3f}", f"{f['melanoma_coverage']:.3f}", f"{f['malignant_coverage']:.3f}",
+                         f"{f['mean_size']:.2f}", f"{f['single_class']:.2f}", f"{v['coverage']:.3f} / {v['mean_size']:.2f}"])
+    lines += table(["model", "level", "test coverage", "melanoma", "malignant", "mean size", "single class",
+                    "validation, out of fold: coverage / mean size"], rows)
+    for a, c in tested_calibration.items():
+        levels = c["prediction_sets"]["test"]["levels"]
+        per_class = {level: f["per_class"] for level, f in levels.items()}
+        codes = list(next(iter(per_class.values())))
+        lines += ["", f"Per true class on the test split, {a}: coverage / mean set size at each level", ""]
+        lines += table(["class", "test images", *levels],
+                       [[f"`{code}`", str(next(iter(per_class.values()))[code]["images"]),
+                         *(f"{per_class[level][code]['coverage']:.3f} / {per_class[level][code]['mean_size']:.2f}"
+                           if per_class[level][code]["coverage"] is not None else "-" for level in levels)]
+                        for code in codes])
+    return lines
+
+
+def plot_card_figures(reports: dict[str, dict], store: Path) -> None:
+    """The pictures beside the card: coverage and mean set size against the level, and the reliability diagram of
+    the calibrated probabilities, on the test split (the held-out run's, for weights trained on it)."""
+    tested = {a: scored_report(r)["calibration"] for a, r in reports.items()}
+    plot_set_curves({a: c["prediction_sets"]["test"]["curve"] for a, c in tested.items()}, store / "prediction_sets.png")
+    plot_reliability({a: c["test_after"]["reliability"] for a, c in tested.items()}, store / "reliability.png")
+
+
 def source_lines(sources: dict[str, dict]) -> list[str]:
     """The Photo sizes section: `python -m training.sources --json`'s table of each model's report."""
     first = next(iter(sources.values()))
@@ -317,11 +375,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("MODEL_CARD.md"))
     args = parser.parse_args(argv)
     try:
-        text = render(read_reports(args.store))
+        reports = read_reports(args.store)
+        text = render(reports)
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     args.out.write_text(text)
+    plot_card_figures(reports, args.store)
     print(f"wrote {args.out}")
     return 0
 

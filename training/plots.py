@@ -47,3 +47,45 @@ def plot_curves(history: list[dict], path: str, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def plot_set_curves(curves: dict[str, list[dict]], path: str) -> None:
+    """Per model: prediction-set coverage on the test split against the level asked (the diagonal is exact
+    coverage), and the mean set size."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for arch, curve in curves.items():
+        levels = [point["level"] for point in curve]
+        left.plot(levels, [point["coverage"] for point in curve], marker="o", label=arch)
+        right.plot(levels, [point["mean_size"] for point in curve], marker="o", label=arch)
+    left.plot([0.5, 1.0], [0.5, 1.0], color="grey", linestyle="--", label="coverage = level")
+    left.set_xlabel("level (coverage asked)")
+    left.set_ylabel("test coverage")
+    right.set_xlabel("level (coverage asked)")
+    right.set_ylabel("mean set size (classes)")
+    for ax in (left, right):
+        ax.legend()
+    fig.suptitle("Prediction sets on the test split")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_reliability(bins: dict[str, list[dict]], path: str) -> None:
+    """Reliability diagram per model: accuracy against mean top-label confidence in each confidence bin (marker
+    area by the bin's images); on the diagonal, a model is right as often as it says."""
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for arch, points in bins.items():
+        total = sum(point["images"] for point in points)
+        ax.plot([p["confidence"] for p in points], [p["accuracy"] for p in points], label=arch)
+        ax.scatter([p["confidence"] for p in points], [p["accuracy"] for p in points],
+                   s=[2000 * p["images"] / total for p in points], alpha=0.4)
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", label="calibrated")
+    ax.set_xlabel("calibrated top-label probability")
+    ax.set_ylabel("accuracy")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.legend()
+    ax.set_title("Reliability on the test split")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
