@@ -5,7 +5,7 @@
 Starts its own service (free loopback ports, archives from model_store/), then sends each case: a 600x450
 lesion photo (the reference), and requests of at most 15 MB that claim far more than a photo needs (huge
 solid-colour images, a 16-bit and a transparent palette image, a JPEG at the pixel limit, a TIFF of many
-pages, progressive JPEGs at and far over the scan limit), plainly and with explanations. Before each request
+pages, progressive JPEGs at and over the limits on their scans), plainly and with explanations. Before each request
 the peak resident memory of every TorchServe worker is reset (/proc/PID/clear_refs, root only); after it, the
 largest peak is read (VmHWM). The table gives per case: body size, HTTP status, median wall time, its ratio
 to the reference request of the same kind, and the peak worker memory. Targets (issue: bounded work per
@@ -36,7 +36,7 @@ from PIL import Image
 
 import serve
 from bench.load import DATA, client_address, started_service
-from skinlesion.image import END_OF_ENTROPY_CODED_DATA, MAX_JPEG_SCANS
+from skinlesion.image import END_OF_ENTROPY_CODED_DATA, MAX_JPEG_SCAN_PIXELS, MAX_JPEG_SCANS
 
 MEMORY_LIMIT_BYTES = 1.5 * 2**30
 TIME_RATIO_LIMIT = 3.0
@@ -71,14 +71,17 @@ def many_page_tiff(pages: int, side: int = 16) -> bytes:
     return bytes(out)
 
 
-def progressive_scan_bomb(side: int, scans: int) -> bytes:
-    """A side x side progressive JPEG of `scans` scans: libjpeg's script for a solid colour, its first AC scan
-    (the luminance's, some 30 bytes with the tables before it) repeated. Every scan makes libjpeg pass over all
-    the luminance's coefficients again: 1.2 ms at 4096x4096 here."""
+def progressive_scan_bomb(side: int, scans: int, refinement: bool = False) -> bytes:
+    """A side x side progressive JPEG of `scans` scans: libjpeg's 10-scan script for a solid colour with one of
+    its luminance scans repeated, some 30 bytes each (with the tables before it). Every scan makes libjpeg pass
+    over all the luminance's blocks again: the first AC scan, 1.2 ms a scan at 4096x4096 here, or with
+    `refinement` the last AC refinement, which tests each block's 63 coefficients again (9.8 ms a scan)."""
     data = encoded(Image.new("RGB", (side, side), (190, 120, 100)), "JPEG", progressive=True, quality=50)
     starts = [found.start() for found in re.finditer(rb"\xff\xda", data)]  # SOS: no other bytes of this file match
-    dc_end, ac_end = (END_OF_ENTROPY_CODED_DATA.search(data, start + 2).start() for start in starts[:2])
-    return data[:ac_end] + data[dc_end:ac_end] * (scans - len(starts)) + data[ac_end:]
+    ends = [END_OF_ENTROPY_CODED_DATA.search(data, start + 2).start() for start in starts]
+    repeated = len(starts) - 1 if refinement else 1
+    after, end = ends[repeated - 1], ends[repeated]
+    return data[:end] + data[after:end] * (scans - len(starts)) + data[end:]
 
 
 def cases(photo: bytes) -> list[tuple[str, bytes, str]]:
@@ -86,6 +89,8 @@ def cases(photo: bytes) -> list[tuple[str, bytes, str]]:
     jpeg_side, lossless_side = (8600, 5800), (3450, 2300)  # 49.9 MP and 7.9 MP: just under the limits
     palette = Image.new("P", lossless_side, 0)
     palette.putpalette([190, 120, 100] * 256)
+    # libjpeg's 10 scans of a 4:2:0 image cover 8x its pixels, and each repeated luminance scan 1x.
+    most_scans = 10 + (MAX_JPEG_SCAN_PIXELS - 8 * 2048**2) // 2048**2
     images = {
         "600x450 photo (reference)": photo,
         "49.9 MP JPEG": encoded(Image.new("RGB", jpeg_side, (190, 120, 100)), "JPEG", quality=50),
@@ -94,7 +99,13 @@ def cases(photo: bytes) -> list[tuple[str, bytes, str]]:
         "7.9 MP palette PNG, transparent": encoded(palette, "PNG", transparency=0),
         "49.9 MP solid PNG (refused)": encoded(Image.new("RGB", jpeg_side, (190, 120, 100)), "PNG"),
         "TIFF of 130,000 pages (refused)": many_page_tiff(130_000),
-        f"16 MP JPEG of {MAX_JPEG_SCANS} scans": progressive_scan_bomb(4096, MAX_JPEG_SCANS),
+        # Progressive JPEGs at the limit on their scans' work (MAX_JPEG_SCAN_PIXELS): a photo's 10 scans at the
+        # most pixels, and the scan that costs the most repeated on 4 MP; then one scan more, and a scan bomb.
+        "18.75 MP progressive JPEG": encoded(Image.new("RGB", (5000, 3750), (190, 120, 100)), "JPEG",
+                                             quality=50, progressive=True),
+        f"4.2 MP JPEG of {most_scans} refinement scans": progressive_scan_bomb(2048, most_scans, refinement=True),
+        f"4.2 MP JPEG of {most_scans + 1} scans (refused)": progressive_scan_bomb(2048, most_scans + 1, refinement=True),
+        f"1 MP JPEG of {MAX_JPEG_SCANS} refinement scans": progressive_scan_bomb(1024, MAX_JPEG_SCANS, refinement=True),
         "16 MP JPEG of 20,000 scans (refused)": progressive_scan_bomb(4096, 20_000),
     }
     plain = [(name, data, "plain") for name, data in images.items()]

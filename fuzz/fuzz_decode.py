@@ -83,6 +83,8 @@ def seeds() -> dict[str, bytes]:
         "mpo.jpg": encode(base, "MPO", save_all=True, append_images=[base.convert("L").convert("RGB")]),
         "scans-at-limit.jpg": progressive_scan_bomb(48, MAX_JPEG_SCANS),
         "scan-bomb.jpg": progressive_scan_bomb(48, MAX_JPEG_SCANS + 1),
+        # Within the scan limit, over the pixels the scans may cover (MAX_JPEG_SCAN_PIXELS).
+        "scan-work-bomb.jpg": progressive_scan_bomb(2048, MAX_JPEG_SCANS, refinement=True),
     }
     bodies = {
         f"body-{name}.json": json.dumps({"image": base64.b64encode(data).decode(), "explain": i % 2 == 0,

@@ -28,16 +28,26 @@ MIN_IMAGE_SIDE = 16
 # largest thing made from a photo is the 1024-px explanation PNG; the model reads 144 px.
 DECODED_MIN_SIDE = 1024
 # Decoding work that the pixel limits do not bound, refused by structure before decoding. Each scan of a
-# progressive JPEG passes over every coefficient again, 1.2 ms a scan at 16 MP here, and a 15 MB body holds
+# progressive JPEG passes over every coefficient again, 1.2-10 ms a scan at 16 MP here, and a 15 MB body holds
 # 450,000 one-block scans: minutes. Encoders write about 10 (libjpeg's default script) and no camera over 20;
 # libtiff refuses JPEG-in-TIFF strips of over 100 scans for the same reason.
 MAX_JPEG_SCANS = 100
+# Fewer scans still cost whatever their size: a scan passes over every block of the components it codes, so a
+# progressive JPEG's decoding work is the pixels its scans cover, summed (a 4:2:0 colour scan that codes all three
+# components covers 1.5x the image's pixels). Measured here 0.45-0.5 ms per million for libjpeg's own scripts and
+# up to 0.6 ms for a scan that costs the most without more bytes (a repeated AC refinement), this keeps any
+# progressive JPEG within 90 ms of decoding, what a request can add and stay within 3x a 600x450 photo's time
+# (bench/budget.py). libjpeg's 10 scans cover 8x the pixels of a 4:2:0 photo, 14x of a 4:4:4 one: progressive
+# photos pass up to 18.75 MP (4:2:0) and 10.7 MP (4:4:4), a phone's 12 MP in 4:2:0 with room; baseline JPEGs,
+# whose components are each coded once and decoded at a reduced scale, up to MAX_IMAGE_PIXELS.
+MAX_JPEG_SCAN_PIXELS = 150_000_000
 # Pillow walks a JPEG's header segments (and the padding bytes between them) and a PNG's chunks in Python,
 # 0.3-3 us each: 15 MB of empty ones took 3-6 s. A photo has tens of segments; a 15 MB PNG written in
 # libpng's 8 kB IDAT chunks about 2,000 chunks.
 MAX_SEGMENTS = 10_000
 # The backstop for the work nothing above foresees: decoding stops at its next read of the upload once it has
-# used this much CPU time (the worst accepted file, a 50 MP progressive JPEG of 100 scans, takes 0.5 s here).
+# used this much CPU time (the worst accepted files take 0.1-0.2 s here: a progressive JPEG at the scan work limit,
+# a 50 MP baseline photo of 15 MB). No bound on scans: 100 scans of 30 bytes fit in one read.
 # Pillow hands a decoder 64 kB at a time, which can be 1.4 s of scans at 16 MP; blocks of 16 kB stop it within
 # a quarter of that and cost 2% more time on a 13 MB JPEG.
 MAX_DECODE_CPU_SECONDS = 1.0
@@ -116,7 +126,7 @@ def decode_image(data: bytes) -> Image.Image:
 
 def check_structure(data: bytes) -> None:
     """Refuse a JPEG or PNG whose segments alone would cost more decoding than any photo (MAX_JPEG_SCANS,
-    MAX_SEGMENTS); what is malformed is left for Pillow to report."""
+    MAX_JPEG_SCAN_PIXELS, MAX_SEGMENTS); what is malformed is left for Pillow to report."""
     if data.startswith(b"\xff\xd8"):
         check_jpeg_structure(data)
     elif data.startswith(b"\x89PNG\r\n\x1a\n"):
@@ -130,8 +140,10 @@ END_OF_ENTROPY_CODED_DATA = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
 
 def check_jpeg_structure(data: bytes) -> None:
     """Walk a JPEG's markers from SOI to its first EOI (an MPO's later images are never decoded), counting
-    segments, the padding bytes between them and scans (SOS, skipping each one's entropy-coded data)."""
-    segments = scans = 0
+    segments, the padding bytes between them, scans (SOS, skipping each one's entropy-coded data) and the pixels
+    a progressive frame's scans cover."""
+    segments = scans = scan_pixels = 0
+    components: dict[int, int] = {}  # the progressive frame's component ids and their pixels
     at = 2
     while at + 4 <= len(data):
         marker = data[at + 1]
@@ -144,12 +156,23 @@ def check_jpeg_structure(data: bytes) -> None:
         elif 0xD0 <= marker <= 0xD8:
             at += 2
         else:
-            at += 2 + int.from_bytes(data[at + 2:at + 4], "big")
+            length = int.from_bytes(data[at + 2:at + 4], "big")
+            segment = data[at + 4:at + 2 + length]
+            if marker in FRAME_MARKERS:
+                components = frame_components(segment) if marker in PROGRESSIVE_FRAME_MARKERS else {}
+            at += 2 + length
             if marker == 0xDA:
                 scans += 1
                 if scans > MAX_JPEG_SCANS:
                     raise ImageError(f"the JPEG has more than {MAX_JPEG_SCANS} scans; no camera writes that many, so "
                                      "it is refused rather than decoded (re-save it as a baseline JPEG)")
+                count = segment[0] if segment else 0
+                scan_pixels += sum(components.get(c, 0) for c in segment[1:1 + 2 * count:2])
+                if scan_pixels > MAX_JPEG_SCAN_PIXELS:
+                    raise ImageError(
+                        f"the progressive JPEG's scans cover more than {MAX_JPEG_SCAN_PIXELS:,} pixels in all (each "
+                        "scan counts the pixels of the colour components it codes), more decoding work than this "
+                        "service accepts: re-save it as a baseline JPEG, or downscale it")
                 end = END_OF_ENTROPY_CODED_DATA.search(data, at)
                 if end is None:
                     return
@@ -158,6 +181,26 @@ def check_jpeg_structure(data: bytes) -> None:
         if segments > MAX_SEGMENTS:
             raise ImageError(f"the JPEG has more than {MAX_SEGMENTS:,} segments or padding bytes between them; "
                              "re-save it without the extra metadata")
+
+
+# Start-of-frame markers (SOF0-SOF15 less DHT, JPG and DAC), and those of progressive frames.
+FRAME_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+PROGRESSIVE_FRAME_MARKERS = frozenset({0xC2, 0xC6, 0xCA, 0xCE})
+
+
+def frame_components(header: bytes) -> dict[int, int]:
+    """A frame header's component ids, each with its pixels (the image's, scaled by its sampling factors
+    against the largest ones); empty where the header is malformed, which Pillow then reports."""
+    if len(header) < 6:
+        return {}
+    height, width = int.from_bytes(header[1:3], "big"), int.from_bytes(header[3:5], "big")
+    entries = [header[at:at + 3] for at in range(6, 6 + 3 * header[5], 3) if len(header[at:at + 3]) == 3]
+    most_across = max((entry[1] >> 4 for entry in entries), default=0)
+    most_down = max((entry[1] & 0x0F for entry in entries), default=0)
+    if not most_across or not most_down:
+        return {}
+    return {entry[0]: math.ceil(width * (entry[1] >> 4) / most_across) * math.ceil(height * (entry[1] & 0x0F) / most_down)
+            for entry in entries}
 
 
 def check_png_structure(data: bytes) -> None:

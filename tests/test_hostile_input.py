@@ -35,6 +35,7 @@ from skinlesion.image import (
     MAX_DECODE_CPU_SECONDS,
     MAX_FULL_DECODE_PIXELS,
     MAX_IMAGE_PIXELS,
+    MAX_JPEG_SCAN_PIXELS,
     MAX_JPEG_SCANS,
     MAX_SEGMENTS,
     MIN_IMAGE_SIDE,
@@ -256,8 +257,10 @@ def bombs() -> dict[str, tuple[bytes, str]]:
         "png-ztxt-50MB": (png_with_text_bomb(), "too large"),
         # Pillow's own limit on decompressed text (MAX_TEXT_CHUNK) holds for an ICC profile too.
         "png-iccp-50MB": (encode(photo(), "PNG", icc_profile=bytes(50_000_000)), "too large"),
-        # Decoding work rather than memory: 24 s, 4 s, 6 s, 3 s and 2.4 s of CPU before these were refused.
-        "jpeg-20000-scans": (progressive_scan_bomb(4096, 20_000), f"more than {MAX_JPEG_SCANS} scans"),
+        # Decoding work rather than memory: 24 s, 1 s, 4 s, 6 s, 3 s and 2.4 s of CPU before these were refused.
+        "jpeg-20000-scans": (progressive_scan_bomb(1024, 20_000), f"more than {MAX_JPEG_SCANS} scans"),
+        "jpeg-16MP-100-refinement-scans": (progressive_scan_bomb(4096, MAX_JPEG_SCANS, refinement=True),
+                                           f"cover more than {MAX_JPEG_SCAN_PIXELS:,} pixels"),
         "jpeg-3.7M-empty-comments": (jpeg[:2] + b"\xff\xfe\x00\x02" * (body // 4) + jpeg[2:], "segments"),
         "jpeg-15MB-fill-bytes": (jpeg[:2] + b"\xff" * body + jpeg[2:], "padding bytes"),
         "png-1.25M-empty-chunks": (grey_png(png_chunk(b"abCd", b"") * (body // 12)), "chunks"),
@@ -295,6 +298,30 @@ def test_decompression_bombs_are_refused_in_bounded_memory_and_time(tmp_path: Pa
     assert report["grown_kib"] < 64 * 1024, report  # every bomb above would take gigabytes if decoded
 
 
+def test_a_progressive_jpeg_is_refused_past_the_pixels_its_scans_cover_naming_the_limit() -> None:
+    # Fewer scans than the scan limit, each over a whole 4 MP luminance: 0.1 s of decoding at the limit, 1 s for
+    # 100 such scans of 16 MP, and all of it within one 16 kB read, where the CPU backstop cannot stop it.
+    # libjpeg's 10 scans cover a 4:2:0 colour image's pixels 8 times, each repeated luminance scan once.
+    side = 2048
+    most = 10 + (MAX_JPEG_SCAN_PIXELS - 8 * side**2) // side**2
+    assert most < MAX_JPEG_SCANS
+    assert decode_image(progressive_scan_bomb(side, most, refinement=True)).mode == "RGB"
+    with pytest.raises(ImageError, match=f"scans cover more than {MAX_JPEG_SCAN_PIXELS:,} pixels"):
+        decode_image(progressive_scan_bomb(side, most + 1, refinement=True))
+
+
+def test_the_scan_work_limit_passes_progressive_photos_up_to_its_size() -> None:
+    # libjpeg's 10 scans of 4:2:0 colour cover 8x the pixels: 5000x3750 is exactly the limit, so a phone's 12 MP
+    # progressive photo passes with room; two rows more do not. Baseline JPEGs are not counted, whatever their size.
+    width, height = 5000, MAX_JPEG_SCAN_PIXELS // (8 * 5000)
+    progressive = {"quality": 50, "progressive": True, "subsampling": "4:2:0"}
+    assert decode_image(encode(Image.new("RGB", (width, height), (190, 120, 100)), "JPEG", **progressive))
+    assert decode_image(encode(Image.new("RGB", (4032, 3024), (190, 120, 100)), "JPEG", **progressive))
+    with pytest.raises(ImageError, match=f"scans cover more than {MAX_JPEG_SCAN_PIXELS:,} pixels"):
+        decode_image(encode(Image.new("RGB", (width, height + 2), (190, 120, 100)), "JPEG", **progressive))
+    assert decode_image(encode(Image.new("RGB", (8600, 5800), (190, 120, 100)), "JPEG", quality=50))
+
+
 def test_a_jpeg_of_more_scans_than_any_camera_writes_is_refused_naming_the_limit() -> None:
     # Each scan passes over every coefficient again: 20,000 one-block scans of 16 MP took 24 s to decode.
     assert decode_image(progressive_scan_bomb(256, MAX_JPEG_SCANS)).size == (256, 256)
@@ -322,6 +349,7 @@ def test_the_chunk_limit_is_exact() -> None:
 def test_the_cpu_time_backstop_stops_a_decode_the_structure_checks_let_through(monkeypatch: pytest.MonkeyPatch) -> None:
     # The scan limit lifted, 2,000 scans of 16 MP (2.4 s of CPU here) stand for work nothing else foresees.
     monkeypatch.setattr(skinlesion.image, "MAX_JPEG_SCANS", 10**9)
+    monkeypatch.setattr(skinlesion.image, "MAX_JPEG_SCAN_PIXELS", 10**15)
     bomb = progressive_scan_bomb(4096, 2_000)
     started = time.thread_time()
     with pytest.raises(ImageError, match=f"over {MAX_DECODE_CPU_SECONDS:g} s of CPU time"):
