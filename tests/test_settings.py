@@ -91,3 +91,33 @@ def test_the_body_limit_agrees_in_nginx_and_torchserve() -> None:
     assert len(mib) == 1 and f"larger than {next(iter(mib))} MiB" in conf
     local = properties(ROOT / "config.properties")
     assert int(local["max_request_size"]) == int(local["max_response_size"]) == next(iter(mib)) * 2**20
+
+
+def test_the_decoding_limits_in_the_settings_table_and_the_readme_are_the_code_s() -> None:
+    from skinlesion import image
+
+    def written(value: float) -> str:
+        return f"{value:g} s" if isinstance(value, float) else f"{value:,}"
+
+    names = ("MAX_IMAGE_PIXELS", "MAX_FULL_DECODE_PIXELS", "DECODED_MIN_SIDE", "MAX_JPEG_SCANS", "MAX_JPEG_SCAN_PIXELS",
+             "MAX_SEGMENTS", "MAX_DECODE_CPU_SECONDS")
+    [row] = [line for line in (ROOT / "docs" / "architecture.md").read_text().splitlines()
+             if line.startswith("| decoding limits")]
+    assert set(re.findall(r"`([A-Z_]+)` ", row)) == set(names), row
+    for name in names:
+        assert f"`{name}` {written(getattr(image, name))}" in row, name
+    assert "`skinlesion/image.py`" in row
+    [refused] = [line for line in (ROOT / "README.md").read_text().splitlines() if line.startswith("| 400 |")]
+    for wording in (f"over {image.MAX_JPEG_SCANS} scans", f"over {image.MAX_JPEG_SCAN_PIXELS:,} pixels",
+                    f"over {image.MAX_SEGMENTS:,} segments", f"over {image.MAX_DECODE_CPU_SECONDS:g} s of CPU"):
+        assert wording in refused, wording
+
+
+def test_the_readme_s_429_row_gives_nginx_s_limits() -> None:
+    conf = (ROOT / "proxy" / "nginx.conf").read_text()
+    per_client, everyone = (re.search(rf"limit_conn {zone} (\d+);", conf)[1] for zone in ("per_client", "everyone"))
+    rate = re.search(r"zone=explanations:\S+ rate=(\d+)r/m;", conf)[1]
+    [refused] = [line for line in (ROOT / "README.md").read_text().splitlines() if line.startswith("| 429 |")]
+    for wording in (f"more than {per_client} requests at once", f"{rate} explanations a minute",
+                    f"more than {everyone} at once from all clients"):
+        assert wording in refused, wording
