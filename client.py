@@ -29,6 +29,8 @@ from tqdm import tqdm
 
 from skinlesion.options import (
     ARCHITECTURE_NAMES,
+    COVERAGE_LEVELS,
+    DEFAULT_COVERAGE,
     DEFAULT_MANAGEMENT_URL,
     DEFAULT_PREDICT_URL,
     METHODS,
@@ -72,14 +74,15 @@ def reason(exc: BaseException) -> str:
 
 def post_predict(url: str, image: bytes, explain: bool = False, precision: str = "Medium", method: str = "lime",
                  timeout: float | None = None, retries: int = 3, max_busy_wait: float = MAX_BUSY_WAIT,
-                 on_busy: Callable[[float, str], None] | None = None) -> dict:
+                 on_busy: Callable[[float, str], None] | None = None, coverage: float = DEFAULT_COVERAGE) -> dict:
     """POST one image; returns the JSON envelope, success or failure. 500/502/503/507 answers and connection
     errors are retried `retries` times with exponential backoff; a 503 with Retry-After (busy) is retried after
     the seconds it names while the waits add up to at most `max_busy_wait`, calling on_busy(seconds, message)
     before each; other trouble raises ClientError."""
     if timeout is None:
         timeout = TIMEOUTS["explain"] if explain else TIMEOUTS["plain"]
-    body = {"image": encode_image(image), "explain": explain, "precision": precision, "method": method}
+    body = {"image": encode_image(image), "explain": explain, "precision": precision, "method": method,
+            "coverage": coverage}
     attempt, busy_waited = 0, 0.0
     while True:
         try:
@@ -247,7 +250,8 @@ def classify_file(path: Path, args: argparse.Namespace, out_name: str) -> dict:
     try:
         result = post_predict(args.url, data, args.explain, args.precision, args.method,
                               on_busy=lambda seconds, message: print(f"{path}: {message}; retrying in {seconds:.0f} s",
-                                                                     file=sys.stderr))
+                                                                     file=sys.stderr),
+                              coverage=args.coverage)
     except ClientError as exc:
         return {"file": str(path), "success": False, "error": str(exc)}
     result = {"file": str(path), **result}
@@ -272,12 +276,19 @@ def malignancy(result: dict) -> str:
     return f"{probability:.2f}" + (" ALERT" if result.get("malignancy_alert") else "")
 
 
+def prediction_set(result: dict) -> str:
+    """The classes that hold the true one at the answer's coverage, as "90%: Melanoma, Melanocytic nevi"."""
+    if not result.get("prediction_set"):
+        return "-"
+    return f"{result['set_coverage']:.0%}: " + ", ".join(result["prediction_set"])
+
+
 def print_table(results: list[dict]) -> None:
-    rows = [("file", "prediction", "probability", "top-3", "malignant", "model", "warnings")]
+    rows = [("file", "prediction", "probability", "top-3", "prediction set", "malignant", "model", "warnings")]
     for r in results:
         top = sorted(r.get("probabilities", {}).items(), key=lambda item: -item[1])[:3]
         rows.append((r["file"], r.get("prediction", "?"), f"{r.get('probability', 0):.3f}",
-                     ", ".join(f"{name} {p:.2f}" for name, p in top), malignancy(r), r.get("model", "?"),
+                     ", ".join(f"{name} {p:.2f}" for name, p in top), prediction_set(r), malignancy(r), r.get("model", "?"),
                      ", ".join(w.get("code", "?") for w in r.get("warnings", [])) or "-"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
@@ -301,6 +312,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--explain", action="store_true", help="also ask for an explanation of each prediction")
     parser.add_argument("--precision", choices=PRECISIONS, default="Medium", help="explanation precision (slower when higher)")
     parser.add_argument("--method", choices=METHODS, default="lime", help="explanation method")
+    parser.add_argument("--coverage", type=float, choices=COVERAGE_LEVELS, default=DEFAULT_COVERAGE,
+                        help="coverage of the prediction set: the share of lesions like the validation ones whose true "
+                        f"class it holds (default {DEFAULT_COVERAGE})")
     parser.add_argument("--out", type=Path, metavar="DIR", help="directory for the explanation images (<image-stem>_explain.png)")
     parser.add_argument("--json", action="store_true", help="print one JSON object per image and line")
     parser.add_argument("--workers", type=positive_int, default=1, metavar="N", help="concurrent requests (default 1)")

@@ -17,7 +17,14 @@ import pandas as pd
 import streamlit as st
 
 from client import MAX_UPLOAD_MB, AnswerCache, ClientError, get_model_card, post_predict
-from skinlesion.options import DEFAULT_PREDICT_URL, EXPECTED_SECONDS, METHODS, PRECISIONS
+from skinlesion.options import (
+    COVERAGE_LEVELS,
+    DEFAULT_COVERAGE,
+    DEFAULT_PREDICT_URL,
+    EXPECTED_SECONDS,
+    METHODS,
+    PRECISIONS,
+)
 
 API_URL = os.environ.get("SKIN_API_URL", DEFAULT_PREDICT_URL)
 # Answers kept per browser session (an explanation's PNG is up to about 1 MB).
@@ -33,12 +40,13 @@ def expected_seconds(explain: bool, method: str, precision: str) -> float:
     return EXPECTED_SECONDS["gradcam" if method == "gradcam" else precision]
 
 
-def classify(image: bytes, explain: bool, method: str, precision: str, on_busy) -> dict:
+def classify(image: bytes, explain: bool, method: str, precision: str, coverage: float, on_busy) -> dict:
     """The server's envelope; the latest successful answers are kept for the session so reruns don't ask again."""
-    key = (API_URL, hashlib.sha1(image).hexdigest(), explain, method if explain else "", precision if explain else "")
+    key = (API_URL, hashlib.sha1(image).hexdigest(), explain, method if explain else "", precision if explain else "",
+           coverage)
     cache = st.session_state.setdefault("answers", AnswerCache(CACHED_ANSWERS))
     return cache.get(key) or cache.put(key, post_predict(user_url(API_URL), image, explain=explain, precision=precision,
-                                                         method=method, on_busy=on_busy))
+                                                         method=method, on_busy=on_busy, coverage=coverage))
 
 
 def user_url(url: str) -> str:
@@ -83,6 +91,11 @@ def show_result(answer: dict) -> None:
         st.caption(f"The model would have said {answer['prediction']} ({answer['probability']:.0%}); do not rely on it.")
         return
     st.markdown(f"**{answer['prediction']}** — probability {answer['probability']:.1%}")
+    if answer.get("prediction_set"):
+        coverage = answer["set_coverage"]
+        st.markdown(f"{coverage:.0%} set: **{', '.join(answer['prediction_set'])}**")
+        st.caption(f"The true diagnosis is in such a set for about {coverage:.0%} of photos like the ones the model was "
+                   "checked on: an average over those photos, not a promise for this one.")
     if answer.get("malignancy_alert"):
         st.error(f"**Malignancy alert**: probability of a malignant lesion {answer['malignant_probability']:.0%}. "
                  "Have this lesion examined by a dermatologist.")
@@ -120,6 +133,9 @@ with st.sidebar:
     explain = st.toggle("Explain the prediction", value=False)
     method = st.radio("Method", METHODS, format_func=METHOD_NAMES.get, horizontal=True)
     precision = st.radio("Precision (LIME)", PRECISIONS, index=1, horizontal=True, disabled=method == "gradcam")
+    coverage = st.select_slider("Prediction set coverage", COVERAGE_LEVELS, value=DEFAULT_COVERAGE,
+                                format_func=lambda level: f"{level:.0%}",
+                                help="The set of diagnoses that holds the true one for this share of lesion photos.")
     st.caption(
         "Expected wait per image: "
         + ", ".join(f"{level} ~{EXPECTED_SECONDS[level]:.0f} s" for level in PRECISIONS)
@@ -138,7 +154,7 @@ for upload in uploads or []:
     busy = st.empty()
     with st.spinner(f"Asking the server about {upload.name} (expected wait ~{wait:.0f} s)...", show_time=True):
         try:
-            answer = classify(image, explain, method, precision,
+            answer = classify(image, explain, method, precision, coverage,
                               lambda seconds, message, busy=busy: busy.info(f"Busy, retrying in {seconds:.0f} s: {message}"))
         except ClientError as exc:
             answer = {"success": False, "error": str(exc)}

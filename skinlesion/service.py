@@ -20,7 +20,7 @@ from skinlesion.admission import DeadlinePassed, Ledger, clamp_arrival, explanat
 from skinlesion.explain import explanation_payload
 from skinlesion.image import ImageError, decode_image
 from skinlesion.model import CLASS_NAMES
-from skinlesion.options import METHODS, PRECISIONS
+from skinlesion.options import COVERAGE_LEVELS, DEFAULT_COVERAGE, METHODS, PRECISIONS
 from skinlesion.predictor import Predictor
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,7 @@ class PredictRequest:
     explain: bool = False
     precision: str = "Medium"
     method: str = "lime"
+    coverage: float = DEFAULT_COVERAGE
 
 
 @dataclass(frozen=True)
@@ -115,7 +116,11 @@ def parse_request(body: Any) -> PredictRequest:
     method = fields.get("method", "lime")
     if not isinstance(method, str) or method.lower() not in METHODS:
         raise RequestError(f"'method' must be one of {', '.join(METHODS)}, not {json.dumps(method)[:40]}")
-    return PredictRequest(data, explain, precision.capitalize(), method.lower())
+    coverage = fields.get("coverage", DEFAULT_COVERAGE)
+    if isinstance(coverage, bool) or coverage not in COVERAGE_LEVELS:
+        raise RequestError(f"'coverage' (of the prediction set) must be one of {', '.join(map(str, COVERAGE_LEVELS))}, "
+                           f"not {json.dumps(coverage)[:40]}")
+    return PredictRequest(data, explain, precision.capitalize(), method.lower(), float(coverage))
 
 
 def decode_base64(text: str) -> bytes:
@@ -201,7 +206,8 @@ def respond(predictor: Predictor, bodies: list[Any], timings: dict[str, float] |
     if not accepted:
         return answers
     try:
-        results = predictor.predict([image for _, _, image in accepted], timings)
+        results = predictor.predict([image for _, _, image in accepted], timings,
+                                    [request.coverage for _, request, _ in accepted])
     except Exception:
         log.exception("prediction failed")
         for i, _, _ in accepted:

@@ -47,6 +47,17 @@ def test_warnings_are_in_the_table_and_in_the_json(service, tmp_path: Path) -> N
     assert answer["in_domain"] is False and answer["warnings"][0]["code"] == "out_of_domain"
 
 
+def test_the_prediction_set_at_the_coverage_asked_is_in_the_table_and_the_json(service, original_photo) -> None:
+    table = run_client("--url", service.predict_url, "--coverage", "0.95", str(original_photo))
+    assert table.returncode == 0, table.stderr
+    header, row = table.stdout.splitlines()
+    assert "prediction set" in header
+    [answer] = [json.loads(line) for line in run_client("--url", service.predict_url, "--coverage", "0.95", "--json",
+                                                        str(original_photo)).stdout.splitlines()]
+    assert answer["set_coverage"] == 0.95 and answer["prediction_set"][0] == answer["prediction"]
+    assert "95%: " + ", ".join(answer["prediction_set"]) in row
+
+
 def test_model_card_prints_the_served_card(service) -> None:
     result = run_client("--url", service.predict_url, "--model-card")
     assert result.returncode == 0, result.stderr
@@ -113,7 +124,7 @@ def test_an_unreachable_server_is_one_line_without_traceback(fullres_images) -> 
 
 
 @pytest.mark.parametrize("args", [[], ["--precision", "Extreme", "x.jpg"], ["--workers", "0", "x.jpg"], ["--out", "d", "x.jpg"],
-                                  ["--use-model", "resnet50"]])
+                                  ["--use-model", "resnet50"], ["--coverage", "0.85", "x.jpg"]])
 def test_usage_errors_exit_2(args: list[str]) -> None:
     result = run_client(*args)
     assert result.returncode == 2

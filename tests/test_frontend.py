@@ -125,6 +125,9 @@ def test_upload_shows_prediction_and_chart(page: Page, app_url: str, original_ph
     expect(page.get_by_text("not a diagnosis")).to_be_visible()
     expect(page.get_by_text("CC BY-NC 4.0")).to_be_visible()
     expect(page.get_by_text(re.compile(r"(Malignancy alert|Probability of a malignant lesion)"))).to_be_visible()
+    # The prediction set under the label, with what its guarantee means.
+    expect(page.get_by_text(re.compile(r"^90% set: "))).to_be_visible()
+    expect(page.get_by_text(re.compile("not a promise for this one"))).to_be_visible()
 
 
 def test_a_non_lesion_image_shows_the_warning_instead_of_the_label(page: Page, app_url: str, tmp_path: Path) -> None:

@@ -98,11 +98,15 @@ def kserve_torchserve(model_store: Path, tmp_path_factory: pytest.TempPathFactor
 
 
 def test_v1_instance_gets_predictions_from_the_default_version(kserve_torchserve: KServeTorchServe, image_b64: str) -> None:
-    response = requests.post(kserve_torchserve.predict_url, json={"instances": [{"image": image_b64}]}, timeout=120)
+    instances = [{"image": image_b64}, {"image": image_b64, "coverage": 0.95}]
+    response = requests.post(kserve_torchserve.predict_url, json={"instances": instances}, timeout=120)
     assert response.status_code == 200, response.text[:300]
-    [answer] = response.json()["predictions"]
+    answer, wider = response.json()["predictions"]
     assert answer["success"] is True and answer["model"] == "resnet34"  # defaultVersion in model_snapshot
     assert answer["prediction"] in CLASS_NAMES and list(answer["probabilities"]) == list(CLASS_NAMES)
+    # The prediction set, at each instance's own coverage, as /predict answers it.
+    assert answer["set_coverage"] == 0.9 and wider["set_coverage"] == 0.95
+    assert answer["prediction_set"][0] == answer["prediction"] and set(answer["prediction_set"]) <= set(wider["prediction_set"])
 
 
 def test_each_instance_gets_its_own_answer(kserve_torchserve: KServeTorchServe, image_b64: str) -> None:

@@ -121,3 +121,11 @@ def test_the_readme_s_429_row_gives_nginx_s_limits() -> None:
     for wording in (f"more than {per_client} requests at once", f"{rate} explanations a minute",
                     f"more than {everyone} at once from all clients"):
         assert wording in refused, wording
+
+
+def test_the_api_guide_names_the_coverage_levels() -> None:
+    guide = (ROOT / "docs" / "api.md").read_text()
+    request_row = re.search(r"\| `coverage` \| [^|]*: (.*) \| no \(`(.*)`\) \|", guide)
+    assert re.findall(r"`([\d.]+)`", request_row[1]) == [str(level) for level in options.COVERAGE_LEVELS]
+    assert request_row[2] == str(options.DEFAULT_COVERAGE)
+    assert "`coverage` not one of " + ", ".join(map(str, options.COVERAGE_LEVELS)) in guide

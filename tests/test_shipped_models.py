@@ -12,6 +12,7 @@ from PIL import Image
 
 from skinlesion.image import decode_image
 from skinlesion.model import ARCHITECTURES, DEFAULT_IMAGE_SIZE
+from skinlesion.options import COVERAGE_LEVELS, DEFAULT_COVERAGE
 from skinlesion.predictor import Predictor
 from tests.conftest import HAM10000, ROOT
 from training.calibrate import CALIBRATOR_FIGURES, calibrators_scored, image_outputs, shipped_resplit
@@ -153,9 +154,44 @@ def test_metric_tables_quote_the_shipped_reports(page: str) -> None:
         quoted = [cell.strip() for cell in row.split("|")[2:-1]]
         test, figures = scored_report(report)["test"], calibration_figures(report)
         keys = ("accuracy", "balanced_accuracy", "macro_auc", "melanoma_auc", "melanoma_sensitivity")
+        sets = tested_sets(report)[str(DEFAULT_COVERAGE)]
         expected = [*(figure(test[key]) for key in keys), figures["malignancy alert: test sensitivity / specificity"],
-                    figures["test ECE, raw -> calibrated"], figures["out-of-domain AUROC (seed-1 draw vs test lesions)"]]
+                    figures["test ECE, raw -> calibrated"], figures["out-of-domain AUROC (seed-1 draw vs test lesions)"],
+                    f"{sets['coverage']:.3f} / {sets['mean_size']:.2f}"]
         assert quoted == expected, f"{page}: {arch}'s row differs from model_store/{arch}.json"
+
+
+def tested_sets(report: dict) -> dict[str, dict]:
+    """A shipped report's prediction-set figures on the test split by level (the held-out run's, where trained on it)."""
+    return scored_report(report)["calibration"]["prediction_sets"]["test"]["levels"]
+
+
+def set_cell(figures: dict) -> str:
+    return (f"{figures['coverage']:.3f} / {figures['melanoma_coverage']:.3f} / {figures['malignant_coverage']:.3f}, "
+            f"{figures['mean_size']:.2f}")
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_shipped_prediction_sets_meet_their_targets_and_the_guide_quotes_them(arch: str) -> None:
+    """On the test split of the held-out run: coverage at least each level less 0.02 (the sets keep the most probable
+    class, so they may cover more), melanoma and the malignant classes at least the level less 0.03, the 0.9 sets
+    within 0.02 of it and at most two classes long on average."""
+    report = report_of(arch)
+    sets = Predictor.from_checkpoint(ROOT / "model_store" / f"{arch}.pt").calibration.sets
+    fitted = report["calibration"]["prediction_sets"]
+    assert sets.score == fitted["score"]
+    for level, thresholds in fitted["thresholds"].items():
+        assert [None if t == float("inf") else t for t in sets.thresholds[float(level)]] == pytest.approx(
+            list(thresholds.values()))
+    tested = tested_sets(report)
+    assert set(tested) == {str(level) for level in COVERAGE_LEVELS}
+    for level, figures in tested.items():
+        assert figures["coverage"] >= float(level) - 0.02, level
+        assert min(figures["melanoma_coverage"], figures["malignant_coverage"]) >= float(level) - 0.03, level
+    assert abs(tested[str(DEFAULT_COVERAGE)]["coverage"] - DEFAULT_COVERAGE) <= 0.02
+    assert tested[str(DEFAULT_COVERAGE)]["mean_size"] <= 2.0
+    text = (ROOT / "docs" / "training.md").read_text()
+    assert labelled_row(text, f"{arch}, test split") == [set_cell(tested[str(level)]) for level in COVERAGE_LEVELS]
 
 
 def test_calibration_tables_quote_the_shipped_reports() -> None:
