@@ -157,6 +157,11 @@ def sets_on_test(fit: SetFit, grouping: str, val_probabilities: torch.Tensor, va
     }
 
 
+def share(value: float | None) -> str:
+    """A coverage to 3 decimals; "-" where no image of that kind was scored."""
+    return "-" if value is None else f"{value:.3f}"
+
+
 def format_sets(report: dict) -> list[str]:
     """The prediction-set part of a calibration report as text lines."""
     lines = [f"prediction sets: score {report['score']}, grouping {report['grouping']} (chosen out of fold on "
@@ -164,9 +169,9 @@ def format_sets(report: dict) -> list[str]:
              "  candidates out of fold on validation, per level: coverage / melanoma / malignant coverage, mean size"]
     for name, figures in report["validation_out_of_fold"].items():
         lines.append(f"    {name:<42} " + "  ".join(
-            f"{level}: {f['coverage']:.3f}/{f['melanoma_coverage']:.3f}/{f['malignant_coverage']:.3f} {f['mean_size']:.2f}"
+            f"{level}: {f['coverage']:.3f}/{share(f['melanoma_coverage'])}/{share(f['malignant_coverage'])} {f['mean_size']:.2f}"
             for level, f in figures.items()))
     for level, f in report.get("test", {}).get("levels", {}).items():
-        lines.append(f"  test at {level}: coverage {f['coverage']:.3f}, melanoma {f['melanoma_coverage']:.3f}, malignant "
-                     f"{f['malignant_coverage']:.3f}, mean size {f['mean_size']:.2f}, single class {f['single_class']:.3f}")
+        lines.append(f"  test at {level}: coverage {f['coverage']:.3f}, melanoma {share(f['melanoma_coverage'])}, malignant "
+                     f"{share(f['malignant_coverage'])}, mean size {f['mean_size']:.2f}, single class {f['single_class']:.3f}")
     return lines
