@@ -213,12 +213,12 @@ def test_workers_started_as_root_drop_to_an_unprivileged_user_and_still_buffer_b
     recorder = Recorder()
     # tmp_path sits in pytest's folder, which only root may enter: the workers write bodies elsewhere.
     with proxy(tmp_path, [recorder]) as served:
-        worker = nginx_worker(tmp_path)
-        status = Path(f"/proc/{worker}/status").read_text()
-        uids = re.search(r"^Uid:\s+(.*)$", status, re.MULTILINE)[1].split()
-        gids = re.search(r"^Gid:\s+(.*)$", status, re.MULTILINE)[1].split()
         body = {"image": "A" * 2**20}  # 16 times the 64 KiB kept in memory: the worker writes it to a temp file
         answered = post(served.port, "127.0.9.1", body)
+        # Read once the worker has served: a fresh worker sets its group before its user.
+        status = Path(f"/proc/{nginx_worker(tmp_path)}/status").read_text()
+        uids = re.search(r"^Uid:\s+(.*)$", status, re.MULTILINE)[1].split()
+        gids = re.search(r"^Gid:\s+(.*)$", status, re.MULTILINE)[1].split()
         temp_dir = Path(body_dir(tmp_path)).parent
     assert "0" not in uids + gids, (uids, gids)  # real, effective, saved and filesystem ids
     assert answered == 200

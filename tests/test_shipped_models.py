@@ -154,14 +154,14 @@ def test_metric_tables_quote_the_shipped_reports(page: str) -> None:
         quoted = [cell.strip() for cell in row.split("|")[2:-1]]
         test, figures = scored_report(report)["test"], calibration_figures(report)
         keys = ("accuracy", "balanced_accuracy", "macro_auc", "melanoma_auc", "melanoma_sensitivity")
-        sets = tested_sets(report)[str(DEFAULT_COVERAGE)]
+        sets = sets_measured_on_test(report)[str(DEFAULT_COVERAGE)]
         expected = [*(figure(test[key]) for key in keys), figures["malignancy alert: test sensitivity / specificity"],
                     figures["test ECE, raw -> calibrated"], figures["out-of-domain AUROC (seed-1 draw vs test lesions)"],
                     f"{sets['coverage']:.3f} / {sets['mean_size']:.2f}"]
         assert quoted == expected, f"{page}: {arch}'s row differs from model_store/{arch}.json"
 
 
-def tested_sets(report: dict) -> dict[str, dict]:
+def sets_measured_on_test(report: dict) -> dict[str, dict]:
     """A shipped report's prediction-set figures on the test split by level (the held-out run's, where trained on it)."""
     return scored_report(report)["calibration"]["prediction_sets"]["test"]["levels"]
 
@@ -183,7 +183,7 @@ def test_shipped_prediction_sets_meet_their_targets_and_the_guide_quotes_them(ar
     for level, thresholds in fitted["thresholds"].items():
         assert [None if t == float("inf") else t for t in sets.thresholds[float(level)]] == pytest.approx(
             list(thresholds.values()))
-    tested = tested_sets(report)
+    tested = sets_measured_on_test(report)
     assert set(tested) == {str(level) for level in COVERAGE_LEVELS}
     for level, figures in tested.items():
         assert figures["coverage"] >= float(level) - 0.02, level
