@@ -140,7 +140,7 @@ def calibration_figures(report: dict) -> dict[str, str]:
 
 
 def calibrator_figures(report: dict) -> dict[str, list[str]]:
-    """docs/training.md's calibrator comparison: each calibrator's out-of-fold validation figures, by row."""
+    """docs/training-log.md's calibrator comparison: each calibrator's out-of-fold validation figures, by row."""
     return {name: [figure(m[key]) for key in CALIBRATOR_FIGURES]
             for name, m in calibrators_scored(report["calibration"]).items()}
 
@@ -195,12 +195,14 @@ def test_shipped_prediction_sets_meet_their_targets_and_the_guide_quotes_them(ar
 
 
 def test_calibration_tables_quote_the_shipped_reports() -> None:
+    """The guide's results table; the out-of-domain candidates and the calibrators compared are in the log."""
     text = (ROOT / "docs" / "training.md").read_text()
     reports = read_reports(ROOT / "model_store")
     archs = sorted(reports)
     assert f"| | {' | '.join(archs)} | target |" in text  # the results table's columns
     for label in calibration_figures(reports[archs[0]]):
         assert labelled_row(text, label)[:len(archs)] == [calibration_figures(reports[a])[label] for a in archs], label
+    text = (ROOT / "docs" / "training-log.md").read_text()
     candidates = {arch: reports[arch]["calibration"]["out_of_domain"]["selection_set"]["candidates"] for arch in archs}
     for name in candidates[archs[0]]:
         expected = [figure(value) for a in archs for value in (candidates[a][name]["auroc"], candidates[a][name]["flagged"],
