@@ -152,11 +152,11 @@ def main() -> int:
             masks = []
             for seed in range(args.seeds):
                 explanation = explain.explain_lime(predictor, photo, label, level, seed)
-                render = seconds_for(lambda e=explanation, p=photo: explain.payload_from(p, e))
+                render = seconds_for(lambda e=explanation, p=photo: explain.payload_from(predictor, p, e))
                 ours.append(explanation.seconds + render)
                 lime_only.append(explanation.seconds)
                 scores.append(explanation.score)
-                masks.append(explanation.mask.astype(bool))
+                masks.append(explanation.marked)
             if args.seeds > 1:
                 ious.append(mean_pairwise_iou(masks))
             small = resize(photo, predictor.image_size).permute(1, 2, 0).numpy()
@@ -198,7 +198,7 @@ def main() -> int:
     gradcam, gradcam_total = [], []
     for photo, label in zip(photos, labels, strict=True):
         explanation = explain.explain_gradcam(predictor, photo, label)
-        render = seconds_for(lambda e=explanation, p=photo: explain.payload_from(p, e))
+        render = seconds_for(lambda e=explanation, p=photo: explain.payload_from(predictor, p, e))
         gradcam.append(explanation.seconds)
         gradcam_total.append(explanation.seconds + render)
     print(f"\nGrad-CAM: attribution {statistics.mean(gradcam):.3f} s, with rendering {statistics.mean(gradcam_total):.3f} s "

@@ -16,7 +16,7 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
-from client import MAX_UPLOAD_MB, AnswerCache, ClientError, get_model_card, post_predict
+from client import MAX_UPLOAD_MB, AnswerCache, ClientError, check_line, get_model_card, post_predict
 from skinlesion.options import (
     COVERAGE_LEVELS,
     DEFAULT_COVERAGE,
@@ -30,23 +30,41 @@ API_URL = os.environ.get("SKIN_API_URL", DEFAULT_PREDICT_URL)
 # Answers kept per browser session (an explanation's PNG is up to about 1 MB).
 CACHED_ANSWERS = 32
 
-METHOD_NAMES = {"lime": "LIME", "gradcam": "Grad-CAM"}
+METHOD_NAMES = {"lime": "LIME", "gradcam": "Grad-CAM", "gradient": "Gradients"}
 
 
 def expected_seconds(explain: bool, method: str, precision: str) -> float:
     """One request's work on an idle server (the wait grows with the queue)."""
     if not explain:
         return EXPECTED_SECONDS["predict"]
-    return EXPECTED_SECONDS["gradcam" if method == "gradcam" else precision]
+    return EXPECTED_SECONDS[precision if method == "lime" else method]
 
 
-def classify(image: bytes, explain: bool, method: str, precision: str, coverage: float, on_busy) -> dict:
+def classify(image: bytes, explain: bool, method: str, precision: str, coverage: float, on_busy,
+             explain_class: str | None = None) -> dict:
     """The server's envelope; the latest successful answers are kept for the session so reruns don't ask again."""
     key = (API_URL, hashlib.sha1(image).hexdigest(), explain, method if explain else "", precision if explain else "",
-           coverage)
+           coverage, explain_class)
     cache = st.session_state.setdefault("answers", AnswerCache(CACHED_ANSWERS))
     return cache.get(key) or cache.put(key, post_predict(user_url(API_URL), image, explain=explain, precision=precision,
-                                                         method=method, on_busy=on_busy, coverage=coverage))
+                                                         method=method, on_busy=on_busy, coverage=coverage,
+                                                         explain_class=explain_class))
+
+
+def ask(name: str, image: bytes, explain: bool, method: str, precision: str, coverage: float,
+        explain_class: str | None = None) -> dict:
+    """classify() with a spinner, "busy, retrying" while explanations are queued, and client errors as envelopes."""
+    wait = expected_seconds(explain, method, precision)
+    busy = st.empty()
+    with st.spinner(f"Asking the server about {name} (expected wait ~{wait:.0f} s)...", show_time=True):
+        try:
+            return classify(image, explain, method, precision, coverage,
+                            lambda seconds, message: busy.info(f"Busy, retrying in {seconds:.0f} s: {message}"),
+                            explain_class)
+        except ClientError as exc:
+            return {"success": False, "error": str(exc)}
+        finally:
+            busy.empty()
 
 
 def user_url(url: str) -> str:
@@ -122,6 +140,9 @@ def show_explanation(answer: dict) -> None:
     if explanation.get("seconds") is not None:
         caption += f", {explanation['seconds']:.1f} s"
     st.image(base64.b64decode(explanation["image_png"]), caption=caption, width="stretch", alt="Explanation overlay")
+    line = check_line(explanation)
+    if line:
+        st.markdown(line[0].upper() + line[1:] + ".")
 
 
 st.set_page_config(page_title="Skin lesion classifier", layout="wide")
@@ -131,15 +152,16 @@ st.warning("Research tool, not a diagnosis. Do not use it to make medical decisi
 with st.sidebar:
     st.header("Options")
     explain = st.toggle("Explain the prediction", value=False)
-    method = st.radio("Method", METHODS, format_func=METHOD_NAMES.get, horizontal=True)
-    precision = st.radio("Precision (LIME)", PRECISIONS, index=1, horizontal=True, disabled=method == "gradcam")
+    # Gradients by default: as faithful to the model as LIME or more, in a fraction of a second (docs/explanations.md).
+    method = st.radio("Method", METHODS, index=METHODS.index("gradient"), format_func=METHOD_NAMES.get, horizontal=True)
+    precision = st.radio("Precision (LIME)", PRECISIONS, index=1, horizontal=True, disabled=method != "lime")
     coverage = st.select_slider("Prediction set coverage", COVERAGE_LEVELS, value=DEFAULT_COVERAGE,
                                 format_func=lambda level: f"{level:.0%}",
                                 help="The set of diagnoses that holds the true one for this share of lesion photos.")
     st.caption(
         "Expected wait per image: "
         + ", ".join(f"{level} ~{EXPECTED_SECONDS[level]:.0f} s" for level in PRECISIONS)
-        + f"; Grad-CAM ~{EXPECTED_SECONDS['gradcam']:.0f} s, on an idle server."
+        + f"; Gradients and Grad-CAM ~{EXPECTED_SECONDS['gradient']:.0f} s, on an idle server."
     )
     st.caption(f"Server: `{API_URL}`")
     show_model_card(model_card(API_URL))
@@ -150,17 +172,16 @@ uploads = st.file_uploader("Dermatoscopic images (JPEG or PNG)", type=["jpg", "j
 for upload in uploads or []:
     st.subheader(upload.name)
     image = upload.getvalue()
-    wait = expected_seconds(explain, method, precision)
-    busy = st.empty()
-    with st.spinner(f"Asking the server about {upload.name} (expected wait ~{wait:.0f} s)...", show_time=True):
-        try:
-            answer = classify(image, explain, method, precision, coverage,
-                              lambda seconds, message, busy=busy: busy.info(f"Busy, retrying in {seconds:.0f} s: {message}"))
-        except ClientError as exc:
-            answer = {"success": False, "error": str(exc)}
-    busy.empty()
     columns = st.columns(3 if explain else 2)
     columns[0].image(image, caption="Original", width="stretch")
+    # The plain answer first (quick, and kept): its top three are the classes one can ask to have explained.
+    answer = ask(upload.name, image, False, method, precision, coverage)
+    if explain and answer.get("success"):
+        top = sorted(answer["probabilities"], key=answer["probabilities"].get, reverse=True)[:3]
+        chosen = columns[1].selectbox("Explain", top, key=f"explain-class-{upload.file_id}",
+                                      format_func=lambda name, p=answer["probabilities"]: f"{name} ({p[name]:.0%})")
+        answer = ask(upload.name, image, True, method, precision, coverage,
+                     None if chosen == answer["prediction"] else chosen)
     if not answer.get("success"):
         columns[1].error(f"Could not classify {upload.name}: {answer.get('error', 'no reason given')}")
         continue

@@ -61,8 +61,9 @@ BAD_FILE_ERRORS = ("SQLITE_NOTADB", "SQLITE_CORRUPT")
 
 
 def explanation_kind(method: str, precision: str) -> str:
-    """What an explanation costs depends on LIME's precision; Grad-CAM is one backward pass at any precision."""
-    return "gradcam" if method == "gradcam" else precision
+    """What an explanation costs depends on LIME's precision; Grad-CAM and the gradient method are one backward pass
+    each at any precision."""
+    return precision if method == "lime" else method
 
 
 @dataclass(frozen=True)
@@ -228,7 +229,7 @@ class Ledger:
             return Refusal(
                 f"explanations are busy: {len(ahead)} ahead on {count} workers, about {math.ceil(wait + own)} s "
                 f"until this one would finish, too close to the {deadline:g} s an explanation may take; retry in "
-                f"{retry} s, or use method gradcam", retry)
+                f"{retry} s, or use method gradient", retry)
         mine = [k for k, c in ahead if client and c == client]
         held = sum(self.expected_seconds(db, k) for k in mine) / count
         if mine and ADMISSION_MARGIN * (held + own) > CLIENT_SHARE * deadline:

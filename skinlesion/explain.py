@@ -1,13 +1,15 @@
-"""Why the model chose a class: LIME superpixel explanations and Grad-CAM heatmaps, drawn on the uploaded photo.
+"""Why the model gives a class: gradient and Grad-CAM heatmaps and LIME superpixel explanations, drawn on the
+uploaded photo, with the attribution map itself and a self-check of what hiding the highlighted area does.
 
-Both methods work at the model's input resolution (the photo resized exactly as for prediction), so
-every perturbed image LIME asks about is one forward pass at 108x144 and nothing else; only the
-finished overlay goes back to the photo's own size.
+Every method works at the model's input resolution (the photo resized exactly as for prediction), so every
+perturbed image LIME asks about is one forward pass at 108x144 and nothing else; only the finished overlay and
+map go back to the photo's own size.
 """
 
 from __future__ import annotations
 
 import base64
+import gc
 import io
 import time
 from dataclasses import dataclass
@@ -18,6 +20,7 @@ from captum.attr import LayerAttribution, LayerGradCam
 from lime import lime_image
 from PIL import Image
 from skimage.segmentation import mark_boundaries, slic
+from torchvision.transforms.v2 import functional as F
 
 from skinlesion.admission import DeadlinePassed
 from skinlesion.image import normalize, quarter_turns, resize
@@ -66,8 +69,18 @@ EXPLAIN_MAX_SIDE = 300
 PNG_MAX_SIDE = 1024
 # zlib level 1: a 600x450 overlay encodes in 30 ms to 263 KiB, against 139 ms and 215 KiB at the default 6.
 PNG_COMPRESSION = 1
-# Grad-CAM overlay: how strongly the hottest pixels are tinted; cold pixels keep the photo as is.
+# Heatmap overlays (gradient, Grad-CAM): how strongly the hottest pixels are tinted; cold pixels keep the photo as is.
 HEATMAP_OPACITY = 0.6
+# A heatmap's marked area (outlined on the overlay, hidden by the self-check): its top fifth, about the area of
+# LIME Low's five regions of some 24.
+MARKED_SHARE = 0.2
+# The fast method's baseline (and bench/faithfulness.py's "blur" fill): a Gaussian blur of this many pixels of the
+# 108x144 model input, which wipes out a lesion's texture and borders but keeps the colours around.
+BLUR_SIGMA = 10.0
+# The fast method's per-pixel estimates are smoothed by a Gaussian of this many pixels: one pixel's gradient is
+# noise, a lesion's structure is a few pixels across. Chosen on the selection photos against averaging them over
+# 100 or 200 superpixels (docs/explanations.md).
+GRADIENT_SMOOTHING = 3.0
 
 
 @dataclass(frozen=True)
@@ -77,12 +90,14 @@ class Explanation:
     num_samples: int
     label: str
     seconds: float
-    # At the model input resolution (H x W): LIME, 1 where a supporting region lies, else 0 (uint8);
-    # Grad-CAM, the heatmap scaled to [0, 1] (float32).
-    mask: np.ndarray
+    # At the model input resolution (H x W, float32): how much each pixel supports the class, in the method's own
+    # units (LIME: its superpixel's weight); positive = for the class.
+    attribution: np.ndarray
+    # The overlay's highlighted area (H x W, bool): what the answer's self-check hides.
+    marked: np.ndarray
     # LIME: the supporting superpixels, strongest first, as {"segment": id, "weight": coefficient}.
     regions: list[dict]
-    # LIME's weighted R^2 of its local linear model (how faithful the explanation is); None for Grad-CAM.
+    # LIME's weighted R^2 of its local linear model (how faithful the explanation is); None for the others.
     score: float | None = None
 
 
@@ -138,13 +153,17 @@ def explain_lime(predictor: Predictor, image: Image.Image, label: int, precision
     )
     _, mask = result.get_image_and_mask(label, positive_only=True, num_features=TOP_REGIONS, hide_rest=False)
     regions = [{"segment": int(f), "weight": float(w)} for f, w in result.local_exp[label] if w > 0][:TOP_REGIONS]
+    weights = np.zeros(int(result.segments.max()) + 1, dtype=np.float32)
+    for feature, weight in result.local_exp[label]:
+        weights[feature] = weight
     return Explanation(
         method="lime",
         precision=precision,
         num_samples=settings.num_samples,
         label=CLASS_NAMES[label],
         seconds=time.perf_counter() - started,
-        mask=mask.astype(np.uint8),
+        attribution=weights[result.segments],
+        marked=mask.astype(bool),
         regions=regions,
         score=float(result.score),
     )
@@ -158,19 +177,80 @@ def explain_gradcam(predictor: Predictor, image: Image.Image, label: int) -> Exp
     # Gradients are the method: turn them back on if the caller runs inside torch.no_grad().
     with torch.enable_grad():
         attribution = LayerGradCam(predictor.model, predictor.model.layer4).attribute(inputs, target=label)
-    heat = LayerAttribution.interpolate(attribution.detach(), predictor.image_size, "bilinear")[0, 0].relu()
-    peak = float(heat.max())
-    # A class with no positive evidence anywhere gets an empty heatmap rather than a division by zero.
-    heatmap = (heat / peak if peak > 0 else heat).cpu().numpy().astype(np.float32)
-    return Explanation(
-        method="gradcam",
-        precision=None,
-        num_samples=0,
-        label=CLASS_NAMES[label],
-        seconds=time.perf_counter() - started,
-        mask=heatmap,
-        regions=[],
-    )
+    heat = LayerAttribution.interpolate(attribution.detach(), predictor.image_size, "bilinear")[0, 0]
+    return heatmap("gradcam", label, heat.cpu().numpy().astype(np.float32), started)
+
+
+def explain_gradient(predictor: Predictor, image: Image.Image, label: int) -> Explanation:
+    """Gradient x (input - its blur) for class `label`'s logit, summed over the colours and smoothed: a first-order
+    estimate, from one forward and one backward pass, of how much blurring each area away lowers the class's score
+    (bench/faithfulness.py chose it, docs/explanations.md)."""
+    check_label(label)
+    started = time.perf_counter()
+    small = resize(image, predictor.image_size, predictor.colour_constancy)
+    inputs = normalize(small).unsqueeze(0).to(predictor.device, memory_format=torch.channels_last)
+    baseline = normalize(blurred(small)).unsqueeze(0).to(predictor.device)
+    # Gradients are the method: turn them back on if the caller runs inside torch.no_grad().
+    with torch.enable_grad():
+        inputs.requires_grad_(True)
+        (gradient,) = torch.autograd.grad(predictor.model(inputs)[0, label], inputs)
+    per_pixel = (gradient * (inputs.detach() - baseline)).sum(1).cpu()
+    return heatmap("gradient", label, gaussian(per_pixel, GRADIENT_SMOOTHING)[0].numpy().astype(np.float32), started)
+
+
+def heatmap(method: str, label: int, attribution: np.ndarray, started: float) -> Explanation:
+    """A heatmap method's explanation (no samples, no regions), its top MARKED_SHARE marked; `started` is when its
+    work began (time.perf_counter())."""
+    return Explanation(method=method, precision=None, num_samples=0, label=CLASS_NAMES[label],
+                       seconds=time.perf_counter() - started, attribution=attribution,
+                       marked=top_area(attribution, MARKED_SHARE), regions=[])
+
+
+def top_area(attribution: np.ndarray, share: float) -> np.ndarray:
+    """The pixels whose attribution is positive and among the highest `share` of all (bool, H x W). A map constant over
+    regions is marked region by region, so the last region marked may take the area a little over `share`."""
+    count = round(share * attribution.size)
+    threshold = np.partition(attribution.ravel(), -count)[-count] if count else np.inf
+    return (attribution >= threshold) & (attribution > 0)
+
+
+def moved(values: np.ndarray, seed: int = 0) -> np.ndarray:
+    """`values` (H x W) moved by a random offset of a quarter to three quarters of the height and of the width,
+    wrapping around the edges: the same shape and size somewhere else."""
+    rng = np.random.default_rng(seed)
+    height, width = values.shape
+    offset = (int(rng.integers(height // 4, 3 * height // 4 + 1)), int(rng.integers(width // 4, 3 * width // 4 + 1)))
+    return np.roll(values, offset, axis=(0, 1))
+
+
+def gaussian(images: torch.Tensor, sigma: float) -> torch.Tensor:
+    """A Gaussian blur of `sigma` pixels (C x H x W, float), three sigmas wide either side."""
+    kernel = 2 * round(3 * sigma) + 1
+    return F.gaussian_blur(images, [kernel, kernel], [sigma, sigma])
+
+
+def blurred(small: torch.Tensor) -> torch.Tensor:
+    """The model input (uint8, 3 x H x W) blurred past recognition (float): the fast method's baseline."""
+    return gaussian(small.float(), BLUR_SIGMA)
+
+
+def mean_colour(small: torch.Tensor) -> torch.Tensor:
+    """The model input (uint8, 3 x H x W) painted all in its mean colour (float): what the self-check hides with (and
+    bench/faithfulness.py's "mean" fill), no method's own way of hiding."""
+    pixels = small.float()
+    return pixels.mean(dim=(1, 2), keepdim=True).expand_as(pixels)
+
+
+def self_check(predictor: Predictor, image: Image.Image, label: int, marked: np.ndarray, seed: int = 0) -> dict:
+    """The class's calibrated probability, as the answer computes it, for the photo, the photo with the `marked`
+    area hidden (painted in the photo's mean colour) and with the same area moved to a random place hidden."""
+    small = resize(image, predictor.image_size, predictor.colour_constancy)
+    areas = torch.from_numpy(np.stack([np.zeros_like(marked), marked, moved(marked, seed)]))[:, None]
+    inputs = normalize(torch.where(areas, mean_colour(small), small.float()))
+    # The test-time views and trunk precision of the answer's own prediction, so the three are comparable with it.
+    logits = predictor.outputs(inputs, bfloat16=predictor.bfloat16, statistics=False, views=predictor.views).logits
+    probability, marked_hidden, random_hidden = predictor.calibrated(logits)[:, label].tolist()
+    return {"probability": probability, "marked_hidden": marked_hidden, "random_hidden": random_hidden}
 
 
 def jet(values: np.ndarray) -> np.ndarray:
@@ -178,21 +258,41 @@ def jet(values: np.ndarray) -> np.ndarray:
     return np.clip(1.5 - np.abs(4.0 * values[..., None] - np.array([3.0, 2.0, 1.0])), 0.0, 1.0)
 
 
-def render_overlay(image: Image.Image, explanation: Explanation) -> np.ndarray:
-    """The explanation drawn on `image`, at its size (H x W x 3 uint8)."""
+def support(attribution: np.ndarray) -> np.ndarray:
+    """The attribution's positive part scaled to [0, 1] by its peak; all 0 where nothing supports the class."""
+    positive = np.clip(attribution, 0.0, None).astype(np.float32)
+    peak = float(positive.max())
+    return positive / peak if peak > 0 else positive
+
+
+def on_photo(values: np.ndarray, image: Image.Image, resample: Image.Resampling) -> np.ndarray:
+    """A map at the model input (float32 or bool) brought to `image`: turned back as the photo was turned to reach
+    the input (a portrait photo is turned a quarter), and resized to its size."""
+    turned = np.ascontiguousarray(np.rot90(values, -quarter_turns(image.height, image.width, values.shape)))
+    if turned.dtype == bool:
+        return np.asarray(Image.fromarray(turned.astype(np.uint8)).resize(image.size, resample)).astype(bool)
+    return np.asarray(Image.fromarray(turned.astype(np.float32)).resize(image.size, resample))
+
+
+def render(image: Image.Image, explanation: Explanation) -> tuple[np.ndarray, np.ndarray]:
+    """The overlay (H x W x 3 uint8) and the attribution (H x W uint8, 255 = the strongest support) at `image`'s size.
+
+    LIME: the marked superpixels outlined in green, the attribution constant per superpixel. Heatmaps: the support
+    tinted over the photo (cold pixels keep the photo as is), the marked area outlined in white.
+    """
     photo = np.asarray(image.convert("RGB"))
-    # The mask is in the model input's orientation: a portrait photo was turned a quarter to get there.
-    turned = Image.fromarray(np.ascontiguousarray(np.rot90(
-        explanation.mask, -quarter_turns(image.height, image.width, explanation.mask.shape))))
-    if explanation.method == "lime":
-        # Nearest neighbour keeps the mask binary, so the outline follows the superpixels' edges.
-        mask = np.asarray(turned.resize(image.size, Image.Resampling.NEAREST))
-        drawn = mark_boundaries(photo, mask, color=(0, 1, 0))
+    # Nearest neighbour keeps LIME's superpixels and every marked area sharp-edged.
+    sharp = explanation.method == "lime"
+    # Scaled at the photo's size, so that 255 is the strongest support there too.
+    heat = support(on_photo(explanation.attribution.astype(np.float32), image,
+                            Image.Resampling.NEAREST if sharp else Image.Resampling.BILINEAR))
+    marked = on_photo(explanation.marked, image, Image.Resampling.NEAREST)
+    if sharp:
+        drawn = mark_boundaries(photo, marked, color=(0, 1, 0))
     else:
-        heat = np.asarray(turned.resize(image.size, Image.Resampling.BILINEAR))
-        alpha = HEATMAP_OPACITY * np.clip(heat, 0.0, 1.0)[..., None]
-        drawn = (1.0 - alpha) * (photo / 255.0) + alpha * jet(heat)
-    return np.round(drawn * 255.0).astype(np.uint8)
+        alpha = HEATMAP_OPACITY * heat[..., None]
+        drawn = mark_boundaries((1.0 - alpha) * (photo / 255.0) + alpha * jet(heat), marked, color=(1, 1, 1))
+    return np.round(drawn * 255.0).astype(np.uint8), np.round(heat * 255.0).astype(np.uint8)
 
 
 def shrink(pixels: np.ndarray, max_side: int) -> Image.Image:
@@ -202,27 +302,46 @@ def shrink(pixels: np.ndarray, max_side: int) -> Image.Image:
     return picture
 
 
-def payload_from(image: Image.Image, explanation: Explanation) -> dict:
-    """The JSON-ready response additions for a finished explanation of `image` (plain Python types only)."""
+def nested_lists(pixels: np.ndarray) -> list:
+    """The array as nested lists, built with the garbage collector paused: its tens of thousands of small lists would
+    otherwise set off a full collection over all of a worker's objects (torch's, lime's), 0.25 s here."""
+    paused = gc.isenabled()
+    gc.disable()
+    try:
+        return pixels.tolist()
+    finally:
+        if paused:
+            gc.enable()
+
+
+def png_base64(pixels: np.ndarray) -> str:
+    png = io.BytesIO()
+    Image.fromarray(pixels).save(png, format="PNG", compress_level=PNG_COMPRESSION)
+    return base64.b64encode(png.getvalue()).decode("ascii")
+
+
+def payload_from(predictor: Predictor, image: Image.Image, explanation: Explanation, seed: int = 0) -> dict:
+    """The JSON-ready response additions for a finished explanation of `image`, with its self-check (plain Python
+    types only)."""
     started = time.perf_counter()
+    check = self_check(predictor, image, CLASS_NAMES.index(explanation.label), explanation.marked, seed)
     # Drawn on a copy no larger than the PNG it returns: drawing happens in float64, 24 bytes a pixel.
     photo = image.convert("RGB")
     photo.thumbnail((PNG_MAX_SIDE, PNG_MAX_SIDE), Image.Resampling.LANCZOS)
-    overlay = render_overlay(photo, explanation)
-    png = io.BytesIO()
-    Image.fromarray(overlay).save(png, format="PNG", compress_level=PNG_COMPRESSION)
-    explain = np.asarray(shrink(overlay, EXPLAIN_MAX_SIDE)).tolist()
+    overlay, attribution = render(photo, explanation)
     return {
-        "explain": explain,
+        "explain": nested_lists(np.asarray(shrink(overlay, EXPLAIN_MAX_SIDE))),
         "explanation": {
             "method": explanation.method,
             "precision": explanation.precision,
             "num_samples": explanation.num_samples,
             "label": explanation.label,
-            # What the client waited for: the attribution plus drawing and encoding it.
+            # What the client waited for: the attribution, its check, drawing and encoding.
             "seconds": round(explanation.seconds + time.perf_counter() - started, 3),
-            "image_png": base64.b64encode(png.getvalue()).decode("ascii"),
+            "image_png": png_base64(overlay),
+            "attribution_png": png_base64(attribution),
             "regions": explanation.regions,
+            "check": check,
         },
     }
 
@@ -231,16 +350,19 @@ def explanation_payload(
     predictor: Predictor, image: Image.Image, label: int, method: str, precision: str, seed: int = 0,
     until: float | None = None,
 ) -> dict:
-    """Explain class `label` of an RGB image with `method` ("lime" or "gradcam") as the response additions.
+    """Explain class `label` of an RGB image with `method` ("lime", "gradcam" or "gradient") as the response additions.
 
-    `precision` is validated for both methods (the request always carries one) but only LIME uses it, and
-    only LIME, which runs for seconds, stops at `until` (Grad-CAM is one backward pass).
+    `precision` is validated for every method (the request always carries one) but only LIME uses it, and only LIME,
+    which runs for seconds, stops at `until` (the others are one backward pass). `seed` seeds LIME and the check's
+    random area.
     """
     lime_settings(precision)
     if method == "lime":
         explanation = explain_lime(predictor, image, label, precision, seed, until)
     elif method == "gradcam":
         explanation = explain_gradcam(predictor, image, label)
+    elif method == "gradient":
+        explanation = explain_gradient(predictor, image, label)
     else:
         raise ValueError(f"unknown explanation method {method!r}; choose one of {', '.join(METHODS)}")
-    return payload_from(image, explanation)
+    return payload_from(predictor, image, explanation, seed)

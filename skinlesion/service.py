@@ -50,6 +50,8 @@ class PredictRequest:
     precision: str = "Medium"
     method: str = "lime"
     coverage: float = DEFAULT_COVERAGE
+    # The class to explain, one of CLASS_NAMES; None: the predicted one.
+    explain_class: str | None = None
 
 
 @dataclass(frozen=True)
@@ -75,7 +77,7 @@ def busy(message: str, retry_after: int) -> tuple[int, dict]:
 
 def past_deadline(message: str, deadline: float) -> tuple[int, dict]:
     """An explanation given up at its deadline: the queue it waited in is long, so retry after a quarter of it."""
-    return busy(f"{message}; retry later, or use method gradcam", max(1, round(deadline / 4)))
+    return busy(f"{message}; retry later, or use method gradient", max(1, round(deadline / 4)))
 
 
 def parse_body(body: Any) -> dict:
@@ -120,7 +122,20 @@ def parse_request(body: Any) -> PredictRequest:
     if isinstance(coverage, bool) or coverage not in COVERAGE_LEVELS:
         raise RequestError(f"'coverage' (of the prediction set) must be one of {', '.join(map(str, COVERAGE_LEVELS))}, "
                            f"not {json.dumps(coverage)[:40]}")
-    return PredictRequest(data, explain, precision.capitalize(), method.lower(), float(coverage))
+    return PredictRequest(data, explain, precision.capitalize(), method.lower(), float(coverage),
+                          explain_class=parse_explain_class(fields))
+
+
+def parse_explain_class(fields: dict) -> str | None:
+    """The class name asked for, as CLASS_NAMES spells it (matched case-insensitively); None when not asked."""
+    if "explain_class" not in fields:
+        return None
+    asked = fields["explain_class"]
+    names = {name.lower(): name for name in CLASS_NAMES}
+    if not isinstance(asked, str) or asked.lower() not in names:
+        raise RequestError(f"'explain_class' must be one of the classes {', '.join(CLASS_NAMES)}, "
+                           f"not {json.dumps(asked)[:40]}")
+    return names[asked.lower()]
 
 
 def decode_base64(text: str) -> bytes:
@@ -247,7 +262,7 @@ def explain(predictor: Predictor, image: Image.Image, request: PredictRequest, a
                      started - arrived)
             return past_deadline(f"this explanation waited {started - arrived:.0f} s, past the {deadline:g} s an "
                                  "explanation may take, and was not computed", deadline)
-        label = CLASS_NAMES.index(answer[1]["prediction"])
+        label = CLASS_NAMES.index(request.explain_class or answer[1]["prediction"])
         log.info("explaining %s (%s)", arrival.request_id or "-", kind)
         answer[1].update(explanation_payload(predictor, image, label, request.method, request.precision, until=until))
         log.info("explained %s (%s) in %.2f s", arrival.request_id or "-", kind, time.monotonic() - computing_since)

@@ -114,6 +114,7 @@ def test_dead_workers_are_forgotten_and_without_workers_everything_is_admitted(t
 
 def test_explanation_kind() -> None:
     assert explanation_kind("gradcam", "High") == "gradcam" and explanation_kind("lime", "Low") == "Low"
+    assert explanation_kind("gradient", "Medium") == "gradient"
 
 
 def lesion_body(fullres_images) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -91,9 +92,27 @@ def test_explain_writes_the_explanation_png(service, fullres_images, tmp_path: P
     result = run_client("--url", service.predict_url, "--explain", "--precision", "Low", "--out", str(tmp_path), str(image),
                         timeout=200)
     assert result.returncode == 0, result.stderr
-    png = tmp_path / f"{image.stem}_explain.png"
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert str(png) in result.stdout
+    png, attribution = tmp_path / f"{image.stem}_explain.png", tmp_path / f"{image.stem}_attribution.png"
+    assert png.read_bytes()[:8] == attribution.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"{png} and {attribution}" in result.stdout
+    assert re.search(r"hiding the highlighted area (drops|raises|leaves) .+; a random area of the same size: \d\.\d\d",
+                     result.stdout)
+
+
+def test_explain_class_is_sent_and_a_bad_one_is_the_servers_400(service, original_photo) -> None:
+    asked = run_client("--url", service.predict_url, "--explain", "--method", "gradcam", "--explain-class", "Melanoma",
+                       "--json", str(original_photo))
+    assert asked.returncode == 0, asked.stderr
+    assert json.loads(asked.stdout)["explanation"]["label"] == "Melanoma"
+    bad = run_client("--url", service.predict_url, "--explain", "--explain-class", "Mole", str(original_photo))
+    assert bad.returncode == 1 and "'explain_class' must be one of the classes Actinic keratoses" in bad.stderr
+
+
+def test_the_check_line_says_what_hiding_the_highlighted_area_did() -> None:
+    explanation = {"label": "Melanoma", "check": {"probability": 0.712, "marked_hidden": 0.221, "random_hidden": 0.69}}
+    assert client.check_line(explanation) == ("hiding the highlighted area drops Melanoma from 0.71 to 0.22; a random "
+                                              "area of the same size: 0.69")
+    assert client.check_line({"label": "Melanoma"}) is None
 
 
 def test_a_missing_file_fails_by_name_and_the_others_still_run(service, fullres_images, tmp_path: Path) -> None:
@@ -124,7 +143,8 @@ def test_an_unreachable_server_is_one_line_without_traceback(fullres_images) -> 
 
 
 @pytest.mark.parametrize("args", [[], ["--precision", "Extreme", "x.jpg"], ["--workers", "0", "x.jpg"], ["--out", "d", "x.jpg"],
-                                  ["--use-model", "resnet50"], ["--coverage", "0.85", "x.jpg"]])
+                                  ["--use-model", "resnet50"], ["--coverage", "0.85", "x.jpg"],
+                                  ["--explain-class", "Melanoma", "x.jpg"]])
 def test_usage_errors_exit_2(args: list[str]) -> None:
     result = run_client(*args)
     assert result.returncode == 2
@@ -231,7 +251,8 @@ def test_explanations_of_same_named_images_are_all_saved(service, fullres_images
     result = run_client("--url", service.predict_url, "--explain", "--method", "gradcam", "--out", str(out),
                         str(tmp_path / "a" / "mole.jpg"), str(tmp_path / "b" / "mole.jpg"), timeout=200)
     assert result.returncode == 0, result.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["a_mole_explain.png", "b_mole_explain.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["a_mole_attribution.png", "a_mole_explain.png",
+                                                     "b_mole_attribution.png", "b_mole_explain.png"]
 
 
 class Redirecting(BaseHTTPRequestHandler):

@@ -37,7 +37,12 @@ def gradcam_payload(predictor: Predictor, photo: Image.Image) -> dict:
     return explain.explanation_payload(predictor, photo, LABEL, "gradcam", "Low")
 
 
-@pytest.fixture(params=["lime", "gradcam"])
+@pytest.fixture(scope="module")
+def gradient_payload(predictor: Predictor, photo: Image.Image) -> dict:
+    return explain.explanation_payload(predictor, photo, LABEL, "gradient", "Low")
+
+
+@pytest.fixture(params=["lime", "gradcam", "gradient"])
 def payload(request: pytest.FixtureRequest) -> dict:
     return request.getfixturevalue(f"{request.param}_payload")
 
@@ -62,9 +67,42 @@ def test_payload_is_plain_json(payload: dict) -> None:
     text = json.dumps(payload)
     assert json.loads(text)["explanation"] == payload["explanation"]
     assert set(payload) == {"explain", "explanation"}
-    assert set(payload["explanation"]) == {"method", "precision", "num_samples", "label", "seconds", "image_png", "regions"}
+    assert set(payload["explanation"]) == {"method", "precision", "num_samples", "label", "seconds", "image_png",
+                                           "attribution_png", "regions", "check"}
     assert payload["explanation"]["label"] == CLASS_NAMES[LABEL]
     assert payload["explanation"]["seconds"] > 0
+
+
+def test_the_attribution_png_is_a_grayscale_map_at_the_overlays_size(payload: dict, photo: Image.Image) -> None:
+    attribution = Image.open(io.BytesIO(base64.b64decode(payload["explanation"]["attribution_png"])))
+    overlay = Image.open(io.BytesIO(base64.b64decode(payload["explanation"]["image_png"])))
+    assert attribution.format == "PNG" and attribution.mode == "L" and attribution.size == overlay.size
+    assert np.asarray(attribution).max() == 255  # the strongest support
+
+
+def test_the_attribution_is_brightest_where_the_overlay_marks(predictor: Predictor, photo: Image.Image) -> None:
+    for explanation in (explain.explain_lime(predictor, photo, LABEL, "Low", seed=3),
+                        explain.explain_gradcam(predictor, photo, LABEL), explain.explain_gradient(predictor, photo, LABEL)):
+        overlay, attribution = explain.render(photo, explanation)
+        marked = explain.on_photo(explanation.marked, photo, Image.Resampling.NEAREST)
+        assert marked.any() and not marked.all()
+        assert attribution[marked].mean() > 2 * attribution[~marked].mean()
+        assert overlay.shape == (*attribution.shape, 3)
+
+
+def test_the_check_hides_the_marked_area_and_a_random_one_of_its_size(predictor: Predictor, photo: Image.Image,
+                                                                      payload: dict) -> None:
+    check = payload["explanation"]["check"]
+    assert set(check) == {"probability", "marked_hidden", "random_hidden"}
+    assert all(type(value) is float and 0 <= value <= 1 for value in check.values())
+    [answer] = predictor.predict([photo])
+    assert check["probability"] == answer["probabilities"][CLASS_NAMES[LABEL]]
+    marked = explain.explain_gradient(predictor, photo, LABEL).marked
+    elsewhere = explain.moved(marked)
+    assert elsewhere.sum() == marked.sum() and (elsewhere & marked).sum() < marked.sum() / 2
+    # Nothing hidden, nothing changes: the three are the answer's own computation.
+    nothing = explain.self_check(predictor, photo, LABEL, np.zeros_like(marked))
+    assert nothing["probability"] == nothing["marked_hidden"] == nothing["random_hidden"] == check["probability"]
 
 
 def test_lime_fields(lime_payload: dict) -> None:
@@ -79,9 +117,10 @@ def test_lime_fields(lime_payload: dict) -> None:
     assert weights == sorted(weights, reverse=True)
 
 
-def test_gradcam_fields(gradcam_payload: dict) -> None:
-    fields = gradcam_payload["explanation"]
-    assert (fields["method"], fields["precision"], fields["num_samples"], fields["regions"]) == ("gradcam", None, 0, [])
+@pytest.mark.parametrize("method", ["gradcam", "gradient"])
+def test_heatmap_fields(method: str, request: pytest.FixtureRequest) -> None:
+    fields = request.getfixturevalue(f"{method}_payload")["explanation"]
+    assert (fields["method"], fields["precision"], fields["num_samples"], fields["regions"]) == (method, None, 0, [])
 
 
 def without_seconds(payload: dict) -> dict:
@@ -90,8 +129,8 @@ def without_seconds(payload: dict) -> dict:
 
 def test_lime_is_deterministic_per_seed(predictor: Predictor, photo: Image.Image, lime_payload: dict) -> None:
     again = explain.explain_lime(predictor, photo, LABEL, "Low", seed=3)
-    assert without_seconds(explain.payload_from(photo, again)) == without_seconds(lime_payload)
-    assert again.mask.shape == predictor.image_size and set(np.unique(again.mask)) == {0, 1}
+    assert without_seconds(explain.payload_from(predictor, photo, again, seed=3)) == without_seconds(lime_payload)
+    assert again.marked.shape == predictor.image_size and set(np.unique(again.marked)) == {False, True}
     assert again.score is not None and math.isfinite(again.score)
 
 
@@ -129,16 +168,19 @@ def test_precisions_use_their_configured_sample_counts(
         assert result.num_samples == expected.num_samples == sum(calls)
 
 
-def test_gradcam_heatmap_is_normalized(predictor: Predictor, photo: Image.Image) -> None:
-    result = explain.explain_gradcam(predictor, photo, LABEL)
-    assert result.mask.shape == predictor.image_size and result.mask.dtype == np.float32
-    assert result.mask.min() >= 0 and result.mask.max() <= 1
+@pytest.mark.parametrize("method", [explain.explain_gradcam, explain.explain_gradient])
+def test_heatmaps_mark_their_top_fifth(predictor: Predictor, photo: Image.Image, method) -> None:
+    result = method(predictor, photo, LABEL)
+    assert result.attribution.shape == result.marked.shape == predictor.image_size
+    assert result.attribution.dtype == np.float32 and result.marked.dtype == bool
+    assert 0 < result.marked.mean() <= explain.MARKED_SHARE + 0.001
+    assert result.attribution[result.marked].min() >= result.attribution[~result.marked].max()
 
 
 @pytest.mark.parametrize(
     ("method", "precision", "label"),
     [("lime", "Extreme", LABEL), ("gradcam", "low", LABEL), ("shap", "Low", LABEL), ("lime", "Low", len(CLASS_NAMES)),
-     ("gradcam", "Low", -1)],
+     ("gradcam", "Low", -1), ("gradient", "Low", len(CLASS_NAMES))],
 )
 def test_invalid_arguments_raise_value_error(
     predictor: Predictor, photo: Image.Image, method: str, precision: str, label: int
@@ -155,16 +197,18 @@ def test_a_portrait_photos_overlay_lands_where_the_model_looked(predictor: Predi
     small = resize(photo, predictor.image_size)
     assert tuple(small.shape[-2:]) == predictor.image_size
     heat = (small[0].numpy() > 170).astype(np.float32)  # the patch, wherever the turn put it in the model input
-    drawn = explain.render_overlay(photo, explain.Explanation("gradcam", None, 0, CLASS_NAMES[LABEL], 0.0, heat, []))
-    assert drawn.shape == (400, 300, 3)
+    drawn, attribution = explain.render(photo, explain.Explanation("gradcam", None, 0, CLASS_NAMES[LABEL], 0.0, heat,
+                                                                   heat > 0, []))
+    assert drawn.shape == (400, 300, 3) and attribution.shape == (400, 300)
     changed = np.abs(drawn.astype(int) - pixels.astype(int)).sum(-1) > 30
     inside, outside = changed[25:75, 205:275].mean(), changed[150:, :150].mean()
     assert inside > 0.9 and outside == 0
+    assert attribution[25:75, 205:275].min() > 200 and attribution[150:, :150].max() == 0
 
 
 def test_full_size_originals_are_explained_at_their_own_size(predictor: Predictor, original_photo: Path) -> None:
     photo = Image.open(original_photo)
     photo.load()
-    for method in ("lime", "gradcam"):
+    for method in ("lime", "gradcam", "gradient"):
         png = explain.explanation_payload(predictor, photo, LABEL, method, "Low")["explanation"]["image_png"]
         assert Image.open(io.BytesIO(base64.b64decode(png))).size == photo.size == (600, 450)

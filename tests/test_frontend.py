@@ -29,6 +29,7 @@ STARTUP_SECONDS = 120
 PAGE_MS = 90_000  # first render, uploads and reruns on a busy two-core machine
 EXPLAIN_MS = 240_000  # a LIME explanation at Low precision, with room for a slow machine
 RESULT = re.compile(r"probability \d+(\.\d+)?%")
+CHECK_LINE = re.compile(r"^Hiding the highlighted area (drops|raises|leaves) .+; a random area of the same size: \d\.\d\d\.$")
 
 
 @contextmanager
@@ -166,7 +167,25 @@ def test_explain_shows_overlay(page: Page, app_url: str, fullres_images: list[Pa
     assert not error.is_visible(), error.inner_text()
     expect(overlay).to_be_visible()
     expect(page.get_by_text(re.compile(r"LIME explanation \(Low"))).to_be_visible()
+    expect(page.get_by_text(CHECK_LINE)).to_be_visible()
     expect_prediction(page)
+
+
+def test_the_default_explanation_checks_itself_and_explains_a_class_of_the_top_three(page: Page, app_url: str,
+                                                                                    original_photo: Path) -> None:
+    open_and_upload(page, app_url, original_photo)
+    expect_prediction(page)
+    page.get_by_test_id("stSidebar").get_by_text("Explain the prediction").click()
+    expect(page.get_by_text(re.compile(r"^Gradients explanation"))).to_be_visible(timeout=EXPLAIN_MS)
+    expect(page.get_by_text(CHECK_LINE)).to_be_visible()
+    page.get_by_test_id("stSelectbox").click()
+    options = page.get_by_role("option")
+    expect(options).to_have_count(3)
+    second = options.nth(1).inner_text().rsplit(" (", 1)[0]
+    options.nth(1).click()
+    expect(page.get_by_text(re.compile(rf"^Hiding the highlighted area \w+ {re.escape(second)} "))).to_be_visible(
+        timeout=EXPLAIN_MS)
+    expect(page.locator('[data-testid="stException"]')).to_have_count(0)
 
 
 def test_unreachable_server_shows_readable_error(page: Page, closed_app_url: str, fullres_images: list[Path]) -> None:

@@ -94,7 +94,8 @@ json_values = st.recursive(json_scalars, lambda inner: st.lists(inner, max_size=
                                                                                                        max_size=4), max_leaves=12)
 # Strings that look like valid choices to a person but must not be to the parser.
 near_misses = st.sampled_from(["low ", " Low", "LOW\x00", "L\u043ew", "\uff2c\uff4f\uff57", "gradcam\n", "GRAD-CAM", "lime;",
-                               "medium\u200b", "H\u0131gh", "HIGH\u0307", "", "null", "true"])
+                               "medium\u200b", "H\u0131gh", "HIGH\u0307", "", "null", "true", "Melanoma ", "Mel\u0430noma",
+                               "mel"])
 
 
 @given(st.binary(max_size=4096))
@@ -111,15 +112,19 @@ def test_any_json_document_without_an_image_string_is_a_400_envelope(predictor, 
 
 
 # Case variants of the real choices, which the contract accepts.
-case_variants = st.sampled_from(["hIgH", "low", "MEDIUM", "GradCAM", "LIME", "Lime"])
+case_variants = st.sampled_from(["hIgH", "low", "MEDIUM", "GradCAM", "LIME", "Lime", "Gradient", "melanoma",
+                                 "MELANOCYTIC NEVI"])
 
 
-@given(st.sampled_from(["explain", "precision", "method"]), json_values | near_misses | case_variants)
+@given(st.sampled_from(["explain", "precision", "method", "explain_class"]), json_values | near_misses | case_variants)
 def test_a_wrong_value_in_any_option_is_a_400_naming_the_field(predictor, field: str, value) -> None:
     # Written out here rather than derived from parse_request's own normalisation, so a bug there shows.
     valid = {"explain": isinstance(value, bool),
              "precision": isinstance(value, str) and value.isascii() and value.lower() in {"low", "medium", "high"},
-             "method": isinstance(value, str) and value.isascii() and value.lower() in {"lime", "gradcam"}}[field]
+             "method": isinstance(value, str) and value.isascii() and value.lower() in {"lime", "gradcam", "gradient"},
+             "explain_class": isinstance(value, str) and value.lower() in {
+                 "actinic keratoses", "basal cell carcinoma", "benign keratosis-like lesions", "dermatofibroma", "melanoma",
+                 "melanocytic nevi", "vascular lesions"}}[field]
     status, payload = answer(predictor, json.dumps({"image": JPEG_B64, field: value}).encode())
     if valid:  # a case-variant of a real choice, e.g. "hIgH": the prediction is made
         assert status == 200

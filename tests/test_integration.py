@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from PIL import Image
 
 import serve
 from skinlesion.model import CLASS_NAMES
@@ -26,6 +27,7 @@ BAD_BODIES = {
     "not an image": json.dumps({"image": base64.b64encode(b"plain text, not pixels").decode()}).encode(),
     "explain not a bool": None,
     "unknown precision": None,
+    "unknown explain_class": None,
 }
 
 
@@ -99,6 +101,7 @@ def test_bad_input_gets_400_and_the_worker_keeps_serving(service, image_b64, cas
     body = BAD_BODIES[case] or {
         "explain not a bool": {"image": image_b64, "explain": "yes"},
         "unknown precision": {"image": image_b64, "explain": True, "precision": "Ultra"},
+        "unknown explain_class": {"image": image_b64, "explain": True, "explain_class": "Mole"},
     }[case]
     before = worker_pids(service)
     response = post(service, body)
@@ -191,16 +194,21 @@ def test_torchserve_down_gets_a_fast_envelope_and_comes_back(service, image_b64)
     assert post(service, {"image": image_b64}).json()["success"] is True
 
 
-@pytest.mark.parametrize("method", ["lime", "gradcam"])
-def test_explain_at_low_returns_both_fields(service, image_b64, method: str) -> None:
-    response = post(service, {"image": image_b64, "explain": True, "precision": "Low", "method": method}, timeout=180)
+@pytest.mark.parametrize(("method", "explain_class"), [("lime", None), ("gradcam", None), ("gradient", "Melanoma")])
+def test_explain_at_low_returns_both_fields(service, image_b64, method: str, explain_class: str | None) -> None:
+    body = {"image": image_b64, "explain": True, "precision": "Low", "method": method}
+    response = post(service, {**body, "explain_class": explain_class} if explain_class else body, timeout=180)
     assert response.status_code == 200, response.text[:300]
     body = response.json()
     pixels = body["explain"]
     assert max(len(pixels), len(pixels[0])) <= 300 and len(pixels[0][0]) == 3
-    assert body["explanation"]["method"] == method and body["explanation"]["label"] == body["prediction"]
-    png = base64.b64decode(body["explanation"]["image_png"])
-    assert png.startswith(b"\x89PNG")
+    explained = explain_class or body["prediction"]
+    assert body["explanation"]["method"] == method and body["explanation"]["label"] == explained
+    overlay = Image.open(io.BytesIO(base64.b64decode(body["explanation"]["image_png"])))
+    attribution = Image.open(io.BytesIO(base64.b64decode(body["explanation"]["attribution_png"])))
+    assert overlay.format == attribution.format == "PNG" and attribution.mode == "L" and attribution.size == overlay.size
+    assert body["explanation"]["check"]["probability"] == body["probabilities"][explained]
+    assert all(0 <= value <= 1 for value in body["explanation"]["check"].values())
 
 
 def test_explanations_are_replayed_on_the_explain_model_and_plain_ones_are_not(service, image_b64) -> None:

@@ -111,11 +111,15 @@ def test_v1_instance_gets_predictions_from_the_default_version(kserve_torchserve
 
 def test_each_instance_gets_its_own_answer(kserve_torchserve: KServeTorchServe, image_b64: str) -> None:
     # 200 as one instance succeeded: a non-200 answer would lose the ~5 MB explanation to TorchServe's reset.
-    instances = [{"image": image_b64}, {"image": "%%%"}, {"image": image_b64, "method": "gradcam", "explain": True}]
+    instances = [{"image": image_b64}, {"image": "%%%"},
+                 {"image": image_b64, "method": "gradient", "explain": True, "explain_class": "Melanoma"}]
     response = requests.post(kserve_torchserve.predict_url, json={"instances": instances}, timeout=180)
     assert response.status_code == 200
     good, bad, explained = response.json()["predictions"]
-    assert good["success"] is True and explained["explanation"]["method"] == "gradcam"
+    assert good["success"] is True and explained["explanation"]["method"] == "gradient"
+    # The class asked for is explained, and the self-check is about it (the same request contract as /predict).
+    assert explained["explanation"]["label"] == "Melanoma"
+    assert explained["explanation"]["check"]["probability"] == explained["probabilities"]["Melanoma"]
     assert bad == {"success": False, "error": "'image' is not valid base64"}
 
 

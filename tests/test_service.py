@@ -62,6 +62,9 @@ def test_line_wrapped_base64_decodes_to_the_same_bytes() -> None:
         ({"image": jpeg_b64(), "precision": "Ultra"}, "'precision' must be one of Low, Medium, High"),
         ({"image": jpeg_b64(), "precision": 3}, "'precision' must be one of"),
         ({"image": jpeg_b64(), "method": "shap"}, "'method' must be one of lime, gradcam"),
+        ({"image": jpeg_b64(), "explain_class": "Mole"}, "'explain_class' must be one of the classes " + ", ".join(CLASS_NAMES)),
+        ({"image": jpeg_b64(), "explain_class": None}, "'explain_class' must be one of the classes"),
+        ({"image": jpeg_b64(), "explain_class": 4}, "'explain_class' must be one of the classes"),
     ],
 )
 def test_client_mistakes_raise_request_error(body, message: str) -> None:
@@ -147,6 +150,20 @@ def test_explain_adds_both_fields_for_the_predicted_class(predictor) -> None:
     assert payload["explanation"]["label"] == payload["prediction"]
     assert len(payload["explain"]) == 90 and len(payload["explain"][0]) == 120  # original size, under 300 px
     json.dumps(payload)
+
+
+def test_explain_class_explains_the_class_asked_for(predictor) -> None:
+    assert parse_request({"image": jpeg_b64(), "explain_class": "melanoma"}).explain_class == "Melanoma"
+    assert parse_request({"image": jpeg_b64()}).explain_class is None
+    body = {"image": jpeg_b64(), "explain": True, "method": "gradcam"}
+    [(_, predicted)] = respond(predictor, [body])
+    other = next(name for name in CLASS_NAMES if name != predicted["prediction"])
+    [(status, payload)] = respond(predictor, [{**body, "explain_class": other.upper()}])
+    assert status == 200 and payload["prediction"] == predicted["prediction"]
+    assert payload["explanation"]["label"] == other
+    assert payload["explanation"]["check"]["probability"] == payload["probabilities"][other]
+    [(status, payload)] = respond(predictor, [{**body, "explain_class": "Mole"}])
+    assert status == 400 and all(name in payload["error"] for name in CLASS_NAMES)
 
 
 def test_a_failing_explanation_is_a_500_envelope(predictor, monkeypatch) -> None:

@@ -20,7 +20,7 @@ from tests.conftest import ROOT
 def test_the_core_builds_exactly_the_options() -> None:
     assert tuple(PRECISION_SETTINGS) == options.PRECISIONS
     assert tuple(ARCHITECTURES) == options.ARCHITECTURE_NAMES
-    assert set(options.EXPECTED_SECONDS) == {"predict", "gradcam", *options.PRECISIONS}
+    assert set(options.EXPECTED_SECONDS) == {"predict", "gradcam", "gradient", *options.PRECISIONS}
 
 
 def test_the_explanation_path_agrees_in_the_model_configs_and_nginx() -> None:
@@ -93,6 +93,14 @@ def test_the_body_limit_agrees_in_nginx_and_torchserve() -> None:
     assert int(local["max_request_size"]) == int(local["max_response_size"]) == next(iter(mib)) * 2**20
 
 
+def test_the_api_guide_names_the_coverage_levels() -> None:
+    guide = (ROOT / "docs" / "api.md").read_text()
+    request_row = re.search(r"\| `coverage` \| [^|]*: (.*) \| no \(`(.*)`\) \|", guide)
+    assert re.findall(r"`([\d.]+)`", request_row[1]) == [str(level) for level in options.COVERAGE_LEVELS]
+    assert request_row[2] == str(options.DEFAULT_COVERAGE)
+    assert "`coverage` not one of " + ", ".join(map(str, options.COVERAGE_LEVELS)) in guide
+
+
 def test_the_decoding_limits_in_the_settings_table_and_the_readme_are_the_code_s() -> None:
     from skinlesion import image
 
@@ -121,11 +129,3 @@ def test_the_readme_s_429_row_gives_nginx_s_limits() -> None:
     for wording in (f"more than {per_client} requests at once", f"{rate} explanations a minute",
                     f"more than {everyone} at once from all clients"):
         assert wording in refused, wording
-
-
-def test_the_api_guide_names_the_coverage_levels() -> None:
-    guide = (ROOT / "docs" / "api.md").read_text()
-    request_row = re.search(r"\| `coverage` \| [^|]*: (.*) \| no \(`(.*)`\) \|", guide)
-    assert re.findall(r"`([\d.]+)`", request_row[1]) == [str(level) for level in options.COVERAGE_LEVELS]
-    assert request_row[2] == str(options.DEFAULT_COVERAGE)
-    assert "`coverage` not one of " + ", ".join(map(str, options.COVERAGE_LEVELS)) in guide
