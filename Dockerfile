@@ -16,7 +16,7 @@ COPY requirements.txt ./
 RUN pip install --no-cache-dir --extra-index-url https://download.pytorch.org/whl/cpu -r requirements.txt
 
 COPY skinlesion/ skinlesion/
-COPY handler/ handler/
+COPY serving/ serving/
 COPY frontend/ frontend/
 COPY .streamlit/ .streamlit/
 COPY archive.sh serve.py client.py config.properties log4j2.xml ./
@@ -28,7 +28,7 @@ RUN ARCHIVER=torch-model-archiver ./archive.sh && rm model_store/*.pt
 RUN useradd --create-home --uid 10001 skin && mkdir logs && chown skin logs
 USER skin
 
-# PYTHONPATH: the page (frontend/app.py) imports client and skinlesion from /app, as the editable install
+# PYTHONPATH: the page (frontend/app.py) imports client, serving and skinlesion from /app, as the editable install
 # of setup.sh provides them locally.
 ENV MODEL=resnet34 PYTHONUNBUFFERED=1 PYTHONPATH=/app
 EXPOSE 8080 8501

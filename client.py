@@ -27,15 +27,14 @@ from pathlib import Path
 import requests
 from tqdm import tqdm
 
+from serving.settings import DEFAULT_MANAGEMENT_URL, DEFAULT_PREDICT_URL, TORCHSERVE_MODELS
 from skinlesion.options import (
     ARCHITECTURE_NAMES,
     COVERAGE_LEVELS,
     DEFAULT_COVERAGE,
-    DEFAULT_MANAGEMENT_URL,
-    DEFAULT_PREDICT_URL,
+    IMAGE_SUFFIXES,
     METHODS,
     PRECISIONS,
-    TORCHSERVE_MODELS,
 )
 
 # Seconds to wait for an answer. An explanation is answered within its deadline (120 s, or refused at once
@@ -52,8 +51,7 @@ BACKOFF = 0.5  # seconds before the first retry, doubled for each next one: 0.5,
 # A wait under a second (the server never asks for less) counts as one, so at most 300 busy retries are sent.
 MAX_BUSY_WAIT = 300.0
 MIN_BUSY_WAIT = 1.0
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
-# The largest image the API takes: 15 MiB is 20 MiB in base64, under nginx's 21 MiB body limit (proxy/nginx.conf;
+# The largest image the API takes: 15 MiB is 20 MiB in base64, under nginx's 21 MiB body limit (serving/nginx.conf;
 # .streamlit/config.toml's maxUploadSize repeats it for the page, and a test checks the three agree).
 MAX_UPLOAD_MB = 15
 

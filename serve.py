@@ -31,33 +31,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 from client import set_default
-from skinlesion.options import ARCHITECTURE_NAMES, DEFAULT_MANAGEMENT_URL, DEFAULT_PORTS, TORCHSERVE_MODELS
+from serving.proxy import render_nginx_conf
+from serving.settings import DEFAULT_MANAGEMENT_URL, DEFAULT_PORTS, TORCHSERVE_MODELS
+from skinlesion.options import ARCHITECTURE_NAMES
 
 ROOT = Path(__file__).resolve().parent
-NGINX_TEMPLATE = ROOT / "proxy" / "nginx.conf"
 MODELS = TORCHSERVE_MODELS
 
 
-def render_nginx_conf(listen: str, upstreams: list[str], run_dir: Path, log_dir: Path, user: str,
-                      page_listen: str | None = None, temp_dir: Path | None = None) -> str:
-    """proxy/nginx.conf with its ${VARIABLES} filled in, as the nginx image's envsubst would; `user` runs the
-    workers (where nginx starts as root: "name group"), which write request bodies under `temp_dir` (default
-    `run_dir`); `page_listen` (none in the local run) is the page's own address, where nginx takes the page's
-    word for who its user is."""
-    values = {
-        "NGINX_USER": user,
-        "NGINX_LISTEN": listen,
-        "NGINX_PAGE_LISTEN": f"listen {page_listen};" if page_listen else "",
-        "NGINX_PAGE_PORT": page_listen.rsplit(":", 1)[-1] if page_listen else "",
-        "NGINX_RUN_DIR": str(run_dir),
-        "NGINX_TEMP_DIR": str(temp_dir or run_dir),
-        "NGINX_LOG_DIR": str(log_dir),
-        "TORCHSERVE_SERVERS": "\n        ".join(f"server {u} max_fails=1 fail_timeout=5s;" for u in upstreams),
-    }
-    text = NGINX_TEMPLATE.read_text()
-    for name, value in values.items():
-        text = text.replace("${" + name + "}", value)
-    return text
 
 
 def torchserve_env(run_dir: Path, ports: dict[str, int], bind: str = "127.0.0.1") -> dict[str, str]:
@@ -121,7 +102,7 @@ def build_archives(model_store: Path, weights_dir: Path = ROOT / "model_store", 
                    explain_config: Path | None = None) -> None:
     """archive.sh into `model_store`: every model's archives from the state dicts in `weights_dir`, with
     `model_config` and `explain_config` as the TorchServe settings of "skin" and "skin-explain" (default:
-    handler/model-config.yaml and handler/explain-config.yaml)."""
+    serving/model-config.yaml and serving/explain-config.yaml)."""
     env = dict(os.environ, MODEL_STORE=str(model_store), WEIGHTS_DIR=str(weights_dir),
                ARCHIVER=str(Path(sys.executable).parent / "torch-model-archiver"))
     for name, config in (("MODEL_CONFIG", model_config), ("EXPLAIN_CONFIG", explain_config)):

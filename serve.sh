@@ -2,7 +2,7 @@
 # ./serve.sh start   install what is missing, build the archives, start TorchServe + nginx on :8089
 # ./serve.sh stop    stop both
 # Environment: MODEL (resnet34|resnet18, default resnet34), PORT (default 8089), MODEL_CONFIG (archive.sh;
-# handler/model-config-gpu.yaml on GPU hosts). Logs: logs/.
+# serving/model-config-gpu.yaml on GPU hosts). Logs: logs/.
 set -euo pipefail
 cd "$(dirname "$0")"
 case "${1:-start}" in

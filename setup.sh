@@ -27,7 +27,7 @@ stamp=.venv/.installed-$(cat "$requirements" requirements.txt pyproject.toml | s
 if [ ! -f "$stamp" ]; then
   [ -x .venv/bin/python ] || python3 -m venv .venv
   .venv/bin/pip install -q --disable-pip-version-check -r "$requirements"
-  # The project itself, editable: skinlesion, training, bench, client and serve import from anywhere.
+  # The project itself, editable: skinlesion, serving, training, bench, client and serve import from anywhere.
   .venv/bin/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
   touch "$stamp"
 fi

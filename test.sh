@@ -1,7 +1,13 @@
 #!/usr/bin/env bash
-# ./test.sh [pytest arguments]   install the test tools, lint, run the whole suite.
+# ./test.sh [pytest arguments]         install the test tools, lint, run the whole suite (CI runs this).
+# ./test.sh quick [pytest arguments]   the same without the tests that need calibrated checkpoints or real servers
+#                                      (tests/conftest.py SLOW_MODULES, SLOW_FIXTURES): a few minutes, for every edit.
 set -euo pipefail
 cd "$(dirname "$0")"
 ./setup.sh --dev
 .venv/bin/ruff check .
+if [ "${1:-}" = quick ]; then
+  shift
+  set -- -m "not slow" "$@"
+fi
 .venv/bin/python -m pytest "$@"

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import serve
-from skinlesion.options import DEFAULT_MANAGEMENT_URL
+from serving.settings import DEFAULT_MANAGEMENT_URL
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weights-dir", type=Path, default=ROOT / "model_store",
                         help="state dicts that --start builds its archives from")
     parser.add_argument("--explain-config", type=Path, default=None,
-                        help="skin-explain's TorchServe settings for --start (default handler/explain-config.yaml)")
+                        help="skin-explain's TorchServe settings for --start (default serving/explain-config.yaml)")
     parser.add_argument("--model", default="resnet34", help="default version for --start")
     parser.add_argument("--requests", type=int, default=400)
     parser.add_argument("--concurrency", type=int, default=16)

@@ -2,11 +2,11 @@
 TorchServe, on real full-size photos, with the served time split into its parts.
 
     .venv/bin/python bench/serving.py [--requests 240] [--concurrency 1 4 8 16] [--models resnet18 resnet34]
-                                    [--model-config handler/model-config.yaml] [--explain-load]
+                                    [--model-config serving/model-config.yaml] [--explain-load]
 
 It builds archives of the shipped weights with the given per-version TorchServe settings of the plain-
 prediction model "skin" (the levers: workers, batchSize, maxBatchDelay, torch_threads; explanations keep
-handler/explain-config.yaml), starts TorchServe and nginx on free ports via serve.py, and stops them at the
+serving/explain-config.yaml), starts TorchServe and nginx on free ports via serve.py, and stops them at the
 end. Each model's levels follow a warm-up that lasts until TorchServe's JIT compilers are done. Timings are
 wall-clock on this machine, and the CPU split counts every nginx and TorchServe process on it: run it on an
 otherwise idle one. The floor's best batch is measured again after each model's served levels, and the ratios
@@ -36,7 +36,7 @@ import torch
 
 import serve
 from bench.load import percentile, run_load
-from handler.skin_handler import BATCHES_METRIC, REQUESTS_METRIC, TIMER_METRIC
+from serving.skin_handler import BATCHES_METRIC, REQUESTS_METRIC, TIMER_METRIC
 from skinlesion.image import decode_image
 from skinlesion.predictor import Predictor
 
@@ -246,7 +246,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16])
     parser.add_argument("--models", nargs="+", default=["resnet18", "resnet34"])
     parser.add_argument("--weights-dir", type=Path, default=ROOT / "model_store")
-    parser.add_argument("--model-config", type=Path, default=ROOT / "handler" / "model-config.yaml",
+    parser.add_argument("--model-config", type=Path, default=ROOT / "serving" / "model-config.yaml",
                         help="per-version TorchServe settings packed into the archives (the lever under test)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads for the in-process floor")
     parser.add_argument("--explain-load", action="store_true",

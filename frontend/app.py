@@ -17,14 +17,8 @@ import pandas as pd
 import streamlit as st
 
 from client import MAX_UPLOAD_MB, AnswerCache, ClientError, check_line, get_model_card, post_predict
-from skinlesion.options import (
-    COVERAGE_LEVELS,
-    DEFAULT_COVERAGE,
-    DEFAULT_PREDICT_URL,
-    EXPECTED_SECONDS,
-    METHODS,
-    PRECISIONS,
-)
+from serving.settings import DEFAULT_PREDICT_URL, EXPECTED_SECONDS
+from skinlesion.options import COVERAGE_LEVELS, DEFAULT_COVERAGE, METHODS, PRECISIONS
 
 API_URL = os.environ.get("SKIN_API_URL", DEFAULT_PREDICT_URL)
 # Answers kept per browser session (an explanation's PNG is up to about 1 MB).

@@ -33,8 +33,8 @@ with atheris.instrument_imports(include=["PIL", "skinlesion"]):
 
     Image.init()  # Pillow imports its format plugins lazily: import them now, so they are instrumented too
     from bench.budget import progressive_scan_bomb  # not instrumented: only PIL and skinlesion are
+    from serving.service import RequestError, parse_request
     from skinlesion.image import MAX_JPEG_SCANS, ImageError, decode_image
-    from skinlesion.service import RequestError, parse_request
 
 PHOTOS = Path(os.environ.get("SKIN_DATA_DIR", ROOT.parent / "shared" / "data")) / "ham10000-fullres"
 

@@ -22,7 +22,6 @@ from PIL import Image
 from skimage.segmentation import mark_boundaries, slic
 from torchvision.transforms.v2 import functional as F
 
-from skinlesion.admission import DeadlinePassed
 from skinlesion.image import normalize, quarter_turns, resize
 from skinlesion.model import CLASS_NAMES
 from skinlesion.options import METHODS
@@ -81,6 +80,10 @@ BLUR_SIGMA = 10.0
 # noise, a lesion's structure is a few pixels across. Chosen on the selection photos against averaging them over
 # 100 or 200 superpixels (docs/explanations.md).
 GRADIENT_SMOOTHING = 3.0
+
+
+class DeadlinePassed(Exception):
+    """Raised inside an explanation once its deadline has passed; the work done so far is dropped."""
 
 
 @dataclass(frozen=True)
@@ -241,15 +244,18 @@ def mean_colour(small: torch.Tensor) -> torch.Tensor:
     return pixels.mean(dim=(1, 2), keepdim=True).expand_as(pixels)
 
 
-def self_check(predictor: Predictor, image: Image.Image, label: int, marked: np.ndarray, seed: int = 0) -> dict:
-    """The class's calibrated probability, as the answer computes it, for the photo, the photo with the `marked`
-    area hidden (painted in the photo's mean colour) and with the same area moved to a random place hidden."""
+def self_check(predictor: Predictor, image: Image.Image, label: int, marked: np.ndarray, seed: int = 0,
+               stated: float | None = None) -> dict:
+    """The class's calibrated probability for the photo (`stated`: as the answer already gives it, else computed
+    here), for the photo with the `marked` area hidden (painted in the photo's mean colour) and with the same area
+    moved to a random place hidden."""
     small = resize(image, predictor.image_size, predictor.colour_constancy)
-    areas = torch.from_numpy(np.stack([np.zeros_like(marked), marked, moved(marked, seed)]))[:, None]
-    inputs = normalize(torch.where(areas, mean_colour(small), small.float()))
-    # The test-time views and trunk precision of the answer's own prediction, so the three are comparable with it.
+    areas = [marked, moved(marked, seed)] if stated is not None else [np.zeros_like(marked), marked, moved(marked, seed)]
+    inputs = normalize(torch.where(torch.from_numpy(np.stack(areas))[:, None], mean_colour(small), small.float()))
+    # The test-time views and trunk dtype of the answer's own prediction, so the three are comparable with it.
     logits = predictor.outputs(inputs, bfloat16=predictor.bfloat16, statistics=False, views=predictor.views).logits
-    probability, marked_hidden, random_hidden = predictor.calibrated(logits)[:, label].tolist()
+    probabilities = predictor.calibrated(logits)[:, label].tolist()
+    probability, marked_hidden, random_hidden = [stated, *probabilities] if stated is not None else probabilities
     return {"probability": probability, "marked_hidden": marked_hidden, "random_hidden": random_hidden}
 
 
@@ -320,11 +326,12 @@ def png_base64(pixels: np.ndarray) -> str:
     return base64.b64encode(png.getvalue()).decode("ascii")
 
 
-def payload_from(predictor: Predictor, image: Image.Image, explanation: Explanation, seed: int = 0) -> dict:
+def payload_from(predictor: Predictor, image: Image.Image, explanation: Explanation, seed: int = 0,
+                 stated: float | None = None) -> dict:
     """The JSON-ready response additions for a finished explanation of `image`, with its self-check (plain Python
     types only)."""
     started = time.perf_counter()
-    check = self_check(predictor, image, CLASS_NAMES.index(explanation.label), explanation.marked, seed)
+    check = self_check(predictor, image, CLASS_NAMES.index(explanation.label), explanation.marked, seed, stated)
     # Drawn on a copy no larger than the PNG it returns: drawing happens in float64, 24 bytes a pixel.
     photo = image.convert("RGB")
     photo.thumbnail((PNG_MAX_SIDE, PNG_MAX_SIDE), Image.Resampling.LANCZOS)
@@ -348,13 +355,13 @@ def payload_from(predictor: Predictor, image: Image.Image, explanation: Explanat
 
 def explanation_payload(
     predictor: Predictor, image: Image.Image, label: int, method: str, precision: str, seed: int = 0,
-    until: float | None = None,
+    until: float | None = None, stated: float | None = None,
 ) -> dict:
     """Explain class `label` of an RGB image with `method` ("lime", "gradcam" or "gradient") as the response additions.
 
     `precision` is validated for every method (the request always carries one) but only LIME uses it, and only LIME,
     which runs for seconds, stops at `until` (the others are one backward pass). `seed` seeds LIME and the check's
-    random area.
+    random area; `stated` is the class's probability as the answer gives it (the check computes it otherwise).
     """
     lime_settings(precision)
     if method == "lime":
@@ -365,4 +372,4 @@ def explanation_payload(
         explanation = explain_gradient(predictor, image, label)
     else:
         raise ValueError(f"unknown explanation method {method!r}; choose one of {', '.join(METHODS)}")
-    return payload_from(predictor, image, explanation, seed)
+    return payload_from(predictor, image, explanation, seed, stated)

@@ -15,7 +15,8 @@ from PIL import ExifTags, Image, UnidentifiedImageError
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF")
+from skinlesion.options import ACCEPTED_FORMATS
+
 # Decompression-bomb guard: a 15 MB upload can still claim billions of pixels in its header. A JPEG decodes
 # at a reduced scale (DCT scaling, below), so its cost barely grows with its size; every other format inflates
 # every pixel, 12-17 ns each here (a 50 MP PNG took 0.65-0.86 s against 0.05 s for a 600x450 photo), so it is

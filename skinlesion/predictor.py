@@ -65,7 +65,7 @@ class Predictor:
         self.calibration = calibration
         # The test-split metrics `python -m training.calibrate` stored beside the calibration.
         self.card = card
-        # How plain predictions run: the test-time views and trunk precision the calibration was fitted for
+        # How plain predictions run: the test-time views and trunk dtype the calibration was fitted for
         # (bfloat16 only where the hardware has it: the probabilities differ by at most about 0.01).
         self.views = calibration.views if calibration else "none"
         self.bfloat16 = bool(calibration and calibration.bfloat16 and native_bfloat16(self.device.type))
@@ -196,7 +196,8 @@ class Predictor:
             "calibrated": calibration is not None,
             # Applied by predicted class: an image predicted `code` has its logits divided by temperatures[code].
             "temperatures": dict(zip(CLASS_CODES, calibration.temperatures, strict=True)) if calibration else None,
-            # How every plain prediction is computed: test-time views averaged, and the trunk's precision.
+            # How every plain prediction is computed: test-time views averaged, and the trunk's dtype (under the key
+            # "precision", as GET /model has always named it).
             "inference": {"views": self.views, "view_count": TTA_VIEWS[self.views],
                           "precision": "bfloat16" if self.bfloat16 else "float32"},
             "thresholds": {

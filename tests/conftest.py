@@ -26,6 +26,23 @@ from training.data import split_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# `./test.sh quick` leaves out what needs the calibrated checkpoints (several minutes to fit) or starts real
+# servers (TorchServe, nginx, Streamlit, a browser): the modules below, and any test using these fixtures.
+SLOW_FIXTURES = {"checkpoints", "predictor", "model_store", "service"}
+SLOW_MODULES = {"test_deploy", "test_frontend", "test_full_size", "test_integration", "test_kserve", "test_load_faults",
+                "test_overload", "test_proxy", "test_security", "test_limits", "test_budget", "test_gpu",
+                "test_shipped_models"}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "slow: needs the calibrated checkpoints or real servers (not in ./test.sh quick)")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.module.__name__.rsplit(".", 1)[-1] in SLOW_MODULES or SLOW_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.slow)
+
 
 def properties(path: Path) -> dict[str, str]:
     """A Java .properties file (config.properties) as a dict."""

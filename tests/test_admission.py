@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from skinlesion.admission import (
+from serving.admission import (
     CLIENT_SHARE,
     FIRST_GUESS_SECONDS,
     LOCK_WAIT_SECONDS,
@@ -125,10 +125,10 @@ def lesion_body(fullres_images) -> dict:
 
 def test_the_ledger_learns_the_whole_request_not_only_the_explanation(predictor, fullres_images, tmp_path: Path,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    import skinlesion.service
-    from skinlesion.service import Arrival, respond
+    import serving.service
+    from serving.service import Arrival, respond
 
-    monkeypatch.setattr(skinlesion.service, "explanation_payload", lambda *a, **k: {})
+    monkeypatch.setattr(serving.service, "explanation_payload", lambda *a, **k: {})
     predict = predictor.predict
     monkeypatch.setattr(predictor, "predict", lambda *a, **k: time.sleep(0.3) or predict(*a, **k))
     ledger = Ledger(tmp_path / "ledger.sqlite")
@@ -140,7 +140,7 @@ def test_the_ledger_learns_the_whole_request_not_only_the_explanation(predictor,
 
 
 def test_the_admitting_server_refuses_at_once_with_the_wait(predictor, fullres_images, tmp_path: Path) -> None:
-    from skinlesion.service import Arrival, respond
+    from serving.service import Arrival, respond
 
     ledger = Ledger(tmp_path / "ledger.sqlite")
     ledger.register_worker(deadline=3.0, pool=predictor.arch)
@@ -155,11 +155,11 @@ def test_the_admitting_server_refuses_at_once_with_the_wait(predictor, fullres_i
 
 def test_an_explanation_picked_up_past_its_deadline_is_not_computed(predictor, fullres_images, tmp_path: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    import skinlesion.service
-    from skinlesion.service import Arrival, respond
+    import serving.service
+    from serving.service import Arrival, respond
 
     calls = []
-    monkeypatch.setattr(skinlesion.service, "explanation_payload", lambda *a, **k: calls.append(1) or {})
+    monkeypatch.setattr(serving.service, "explanation_payload", lambda *a, **k: calls.append(1) or {})
     ledger = Ledger(tmp_path / "ledger.sqlite")
     ledger.register_worker(deadline=5.0, pool=predictor.arch)
     with ledger.connect() as db:  # admitted 6 s ago by the batching server
@@ -175,7 +175,7 @@ def test_an_explanation_answered_with_an_error_before_it_starts_stops_counting(p
                                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     import base64
 
-    from skinlesion.service import Arrival, respond
+    from serving.service import Arrival, respond
 
     ledger = Ledger(tmp_path / "ledger.sqlite")
     ledger.register_worker(deadline=60.0, pool=predictor.arch)
@@ -195,7 +195,7 @@ def test_an_explanation_answered_with_an_error_before_it_starts_stops_counting(p
 
 def test_lime_stops_between_batches_at_the_deadline(predictor, fullres_images, tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    from skinlesion.service import Arrival, respond
+    from serving.service import Arrival, respond
 
     ledger = Ledger(tmp_path / "ledger.sqlite")
     body = lesion_body(fullres_images)
@@ -222,7 +222,7 @@ def test_lime_stops_between_batches_at_the_deadline(predictor, fullres_images, t
 
 
 def test_the_first_pass_of_an_explanation_is_sent_on_without_admission(predictor, fullres_images, tmp_path: Path) -> None:
-    from skinlesion.service import Arrival, respond
+    from serving.service import Arrival, respond
 
     # The pass before nginx's per-client explanation rate: admitting here would let a client over its rate hold
     # places it never uses.
@@ -277,8 +277,8 @@ def test_the_latest_durations_count_after_the_clock_steps_back(ledger: Ledger, m
 
 def test_durations_are_measured_on_a_monotonic_clock(predictor, fullres_images, tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    import skinlesion.service
-    from skinlesion.service import Arrival, respond
+    import serving.service
+    from serving.service import Arrival, respond
 
     real = time.time
 
@@ -286,7 +286,7 @@ def test_durations_are_measured_on_a_monotonic_clock(predictor, fullres_images, 
         monkeypatch.setattr(time, "time", lambda: real() - 3600)
         return {}
 
-    monkeypatch.setattr(skinlesion.service, "explanation_payload", clock_steps_back_an_hour)
+    monkeypatch.setattr(serving.service, "explanation_payload", clock_steps_back_an_hour)
     ledger = Ledger(tmp_path / "ledger.sqlite")
     [(status, _)] = respond(predictor, [lesion_body(fullres_images)], arrivals=[Arrival("r", real())],
                             ledger=ledger, deadline=60.0)
@@ -297,11 +297,11 @@ def test_durations_are_measured_on_a_monotonic_clock(predictor, fullres_images, 
 
 def test_an_arrival_claimed_in_the_future_does_not_postpone_the_deadline(predictor, fullres_images, tmp_path: Path,
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    import skinlesion.service
-    from skinlesion.service import Arrival, respond
+    import serving.service
+    from serving.service import Arrival, respond
 
     untils = []
-    monkeypatch.setattr(skinlesion.service, "explanation_payload", lambda *a, until=None, **k: untils.append(until) or {})
+    monkeypatch.setattr(serving.service, "explanation_payload", lambda *a, until=None, **k: untils.append(until) or {})
     for claimed in (1e12, math.inf, math.nan):
         before = time.time()
         [(status, _)] = respond(predictor, [lesion_body(fullres_images)], arrivals=[Arrival("r", claimed)],
@@ -340,7 +340,7 @@ def test_a_file_that_is_not_a_database_is_moved_aside(tmp_path: Path, caplog: py
 
 def test_an_unusable_ledger_admits_and_says_so(predictor, fullres_images, tmp_path: Path,
                                                caplog: pytest.LogCaptureFixture) -> None:
-    from skinlesion.service import Arrival, respond
+    from serving.service import Arrival, respond
 
     (tmp_path / "not a folder").write_text("")
     ledger = Ledger(tmp_path / "not a folder" / "ledger.sqlite")  # cannot be created, as in a read-only folder

@@ -13,21 +13,17 @@ import pytest
 import torch
 from PIL import Image
 
+from serving.service import MODEL_CARD_REQUEST, respond
 from skinlesion.calibration import (
-    MALIGNANCY_SENSITIVITY,
     MALIGNANT_CODES,
     Calibration,
     class_tempered_softmax,
-    fit_class_temperatures,
-    fit_malignancy_threshold,
     is_malignant,
     malignant_probability,
-    validation_pass_rate,
 )
 from skinlesion.image import decode_image, dihedral_views
 from skinlesion.model import ARCHITECTURES, CLASS_CODES, CLASS_NAMES, DEFAULT_IMAGE_SIZE, build_model, save_checkpoint
 from skinlesion.predictor import Predictor
-from skinlesion.service import MODEL_CARD_REQUEST, respond
 from tests.conftest import ROOT, ramp_image
 from training.calibrate import (
     CALIBRATORS,
@@ -41,6 +37,12 @@ from training.calibrate import (
 )
 from training.data import lesion_folds
 from training.evaluate import calibration_error_floor, expected_calibration_error
+from training.fitting import (
+    MALIGNANCY_SENSITIVITY,
+    fit_class_temperatures,
+    fit_malignancy_threshold,
+    validation_pass_rate,
+)
 from training.ood import SAMPLE_PHOTOS, out_of_domain_set
 
 
@@ -264,7 +266,7 @@ def test_the_model_card_request_is_answered_with_the_card(predictor) -> None:
 
 
 def test_nginx_asks_for_the_card_with_the_body_the_handler_knows() -> None:
-    conf = (ROOT / "proxy" / "nginx.conf").read_text()
+    conf = (ROOT / "serving" / "nginx.conf").read_text()
     location = re.search(r"location = /model \{.*?proxy_set_body '([^']*)';", conf, re.S)
     assert json.loads(location[1]) == MODEL_CARD_REQUEST
 

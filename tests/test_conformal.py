@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from serving.service import respond
 from skinlesion.calibration import SET_SCORES, Calibration, SetFit, prediction_sets, set_scores
 from skinlesion.model import CLASS_CODES, CLASS_NAMES
 from skinlesion.options import COVERAGE_LEVELS, DEFAULT_COVERAGE
 from skinlesion.predictor import Predictor
-from skinlesion.service import respond
 from tests.conftest import ramp_image
 from tests.test_calibration import png_b64
 from training.conformal import (

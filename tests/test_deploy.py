@@ -37,6 +37,7 @@ import requests
 import yaml
 
 import serve
+from serving.proxy import render_nginx_conf
 from skinlesion.model import ARCHITECTURES
 from tests.conftest import ROOT
 
@@ -87,7 +88,7 @@ def test_compose_publishes_only_the_proxy_and_the_page() -> None:
     page_port = services["proxy"]["environment"]["NGINX_PAGE_PORT"]
     assert services["frontend"]["environment"]["SKIN_API_URL"] == f"http://proxy:{page_port}/predict"
     assert not any(port.endswith(f":{page_port}") for port in services["proxy"]["ports"])
-    assert services["proxy"]["volumes"] == ["./proxy/nginx.conf:/etc/nginx/templates/nginx.conf.template:ro"]
+    assert services["proxy"]["volumes"] == ["./serving/nginx.conf:/etc/nginx/templates/nginx.conf.template:ro"]
     assert load_compose({"MODEL": "resnet18"})["services"]["torchserve"]["environment"]["MODEL"] == "resnet18"
     assert load_compose()["services"]["torchserve"]["environment"]["MODEL"] == "resnet34"
 
@@ -106,11 +107,11 @@ def test_proxy_config_is_the_local_template_and_passes_nginx_t(tmp_path: Path) -
     proxy = load_compose()["services"]["proxy"]
     environment = {name: str(value) for name, value in proxy["environment"].items()}
     assert environment["NGINX_ENVSUBST_OUTPUT_DIR"] == "/etc/nginx"  # the template becomes /etc/nginx/nginx.conf
-    rendered = render_as_nginx_image(ROOT / "proxy" / "nginx.conf", environment)
+    rendered = render_as_nginx_image(ROOT / "serving" / "nginx.conf", environment)
     upstream = re.fullmatch(r"server (\S+) max_fails=1 fail_timeout=5s;", environment["TORCHSERVE_SERVERS"])
     assert upstream, environment["TORCHSERVE_SERVERS"]
     page_listen = re.fullmatch(r"listen (\d+);", environment["NGINX_PAGE_LISTEN"])[1]
-    assert rendered == serve.render_nginx_conf(environment["NGINX_LISTEN"], [upstream[1]], Path(environment["NGINX_RUN_DIR"]),
+    assert rendered == render_nginx_conf(environment["NGINX_LISTEN"], [upstream[1]], Path(environment["NGINX_RUN_DIR"]),
                                                Path(environment["NGINX_LOG_DIR"]), environment["NGINX_USER"], page_listen)
     assert "$request_method" in rendered and not re.findall(r"^[^#]*\$\{", rendered, re.MULTILINE)
 
@@ -214,7 +215,7 @@ def taken(instances: list[Instance]) -> tuple[int, ...]:
 @pytest.fixture(scope="module")
 def scaled_out(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ScaledOut]:
     """Two TorchServe instances, each started with the compose torchserve service's command and MODEL=resnet18,
-    behind one nginx rendered from proxy/nginx.conf with both as upstream servers."""
+    behind one nginx rendered from serving/nginx.conf with both as upstream servers."""
     command = local_command(load_compose()["services"]["torchserve"]["command"])
     root = tmp_path_factory.mktemp("scaleout")
     instances: list[Instance] = []
@@ -285,7 +286,7 @@ def test_an_explanation_refused_by_one_instance_neither_ejects_it_nor_is_replaye
     assert requests.put(f"{management}?min_worker=0&max_worker=0&synchronous=true", timeout=120).status_code == 200
     try:
         explain = {"image": image_b64, "explain": True, "method": "gradcam"}
-        # Ten: within the client's explanation burst (1 + 10 at once, proxy/nginx.conf), as the refused ones answer
+        # Ten: within the client's explanation burst (1 + 10 at once, serving/nginx.conf), as the refused ones answer
         # at once and an eleventh or twelfth may come before the rate frees a place.
         statuses = [requests.post(f"{scaled_out.url}/predict", json=explain, timeout=120).status_code for _ in range(10)]
         # Spread by request id: those on the refusing instance come back 503, none replayed on the other one.

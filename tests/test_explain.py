@@ -103,6 +103,12 @@ def test_the_check_hides_the_marked_area_and_a_random_one_of_its_size(predictor:
     # Nothing hidden, nothing changes: the three are the answer's own computation.
     nothing = explain.self_check(predictor, photo, LABEL, np.zeros_like(marked))
     assert nothing["probability"] == nothing["marked_hidden"] == nothing["random_hidden"] == check["probability"]
+    # Given the probability the answer states, the check hides the same areas and keeps that number.
+    stated = explain.self_check(predictor, photo, LABEL, marked, stated=0.5)
+    computed = explain.self_check(predictor, photo, LABEL, marked)
+    assert stated["probability"] == 0.5
+    assert stated["marked_hidden"] == pytest.approx(computed["marked_hidden"], abs=1e-4)
+    assert stated["random_hidden"] == pytest.approx(computed["random_hidden"], abs=1e-4)
 
 
 def test_lime_fields(lime_payload: dict) -> None:

@@ -157,9 +157,9 @@ def test_explain_shows_overlay(page: Page, app_url: str, fullres_images: list[Pa
     open_and_upload(page, app_url, fullres_images[1])
     expect_prediction(page)
     sidebar = page.get_by_test_id("stSidebar")
-    # Low first, then explain on: one LIME run at Low, not one at the default Medium as well.
-    sidebar.get_by_test_id("stRadio").filter(has_text="Precision").get_by_text("Low", exact=True).click()
+    # LIME (which enables its precision), then Low, then explain on: one LIME run at Low, not one at Medium as well.
     sidebar.get_by_test_id("stRadio").filter(has_text="Method").get_by_text("LIME", exact=True).click()
+    sidebar.get_by_test_id("stRadio").filter(has_text="Precision").get_by_text("Low", exact=True).click()
     sidebar.get_by_text("Explain the prediction").click()
     overlay = page.get_by_alt_text("Explanation overlay")
     error = page.get_by_text("Could not classify")
@@ -203,6 +203,6 @@ def test_the_page_takes_uploads_up_to_the_apis_image_limit() -> None:
 
     config = tomllib.loads((ROOT / ".streamlit" / "config.toml").read_text())
     assert config["server"]["maxUploadSize"] == client.MAX_UPLOAD_MB
-    body_limit = re.search(r"client_max_body_size (\d+)m;", (ROOT / "proxy" / "nginx.conf").read_text())
+    body_limit = re.search(r"client_max_body_size (\d+)m;", (ROOT / "serving" / "nginx.conf").read_text())
     # The largest upload, in base64 with the JSON around it, fits nginx's body limit.
     assert client.MAX_UPLOAD_MB * 4 / 3 + 0.1 < int(body_limit[1])

@@ -14,11 +14,11 @@ import requests
 import torch
 import yaml
 
-from handler.skin_handler import worker_device
+from serving.skin_handler import worker_device
 from skinlesion.image import decode_image
 from skinlesion.predictor import Predictor
 
-HANDLER = Path(__file__).resolve().parent.parent / "handler"
+HANDLER = Path(__file__).resolve().parent.parent / "serving"
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this host")
 # cuDNN convolutions use TF32 by default: probabilities agree to about 1e-3, not to float32's 1e-6.
 CUDA_ATOL = 1e-2

@@ -30,6 +30,7 @@ from PIL import Image, PngImagePlugin, TiffImagePlugin
 
 import skinlesion.image
 from bench.budget import many_page_tiff, progressive_scan_bomb
+from serving.service import respond
 from skinlesion.image import (
     DECODED_MIN_SIDE,
     MAX_DECODE_CPU_SECONDS,
@@ -43,7 +44,6 @@ from skinlesion.image import (
     decode_image,
 )
 from skinlesion.model import CLASS_NAMES
-from skinlesion.service import respond
 from tests.conftest import ROOT
 
 settings.register_profile("ci", max_examples=40, deadline=None, derandomize=True, database=None,

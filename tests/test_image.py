@@ -21,8 +21,9 @@ from skinlesion.image import (
     shades_of_gray,
 )
 from skinlesion.model import DEFAULT_IMAGE_SIZE
-from training.__main__ import load_images
+from skinlesion.options import ACCEPTED_FORMATS, IMAGE_SUFFIXES
 from training.data import Sample
+from training.train import load_images
 
 
 def encode(image: Image.Image, fmt: str, **params) -> bytes:
@@ -203,3 +204,9 @@ def test_dihedral_views_are_every_flip_and_transpose() -> None:
     assert [len(dihedral_views(batch, name)) for name in TTA_VIEWS] == list(TTA_VIEWS.values())
     with pytest.raises(ValueError, match="unknown views"):
         dihedral_views(batch, "rotations")
+
+
+def test_the_image_suffixes_are_exactly_pillows_for_the_accepted_formats() -> None:
+    # One list for the client and the data loader, and every accepted format has a suffix in it.
+    registered = Image.registered_extensions()
+    assert {registered[suffix] for suffix in IMAGE_SUFFIXES} == set(ACCEPTED_FORMATS)

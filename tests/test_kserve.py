@@ -19,8 +19,8 @@ import requests
 import yaml
 
 import serve
+from serving.service import MAX_EXPLANATIONS_PER_REQUEST, MAX_INSTANCES
 from skinlesion.model import ARCHITECTURES, CLASS_NAMES
-from skinlesion.service import MAX_EXPLANATIONS_PER_REQUEST, MAX_INSTANCES
 from tests.conftest import ROOT, properties
 
 KSERVE = ROOT / "deploy" / "kserve"
@@ -46,7 +46,7 @@ def test_the_pod_is_probed_limited_and_writes_its_temp_folder_to_a_volume() -> N
     model = spec["model"]
     assert model["livenessProbe"]["httpGet"]["path"] == "/ping" and model["livenessProbe"]["initialDelaySeconds"] >= 180
     assert {"cpu", "memory"} <= set(model["resources"]["limits"])
-    # The explanation ledger (skinlesion.admission.default_ledger_path) and the unpacked archives live in TMPDIR.
+    # The explanation ledger (serving.admission.default_ledger_path) and the unpacked archives live in TMPDIR.
     [mount] = [m for m in model["volumeMounts"] if m["mountPath"] == "/tmp"]
     assert [v for v in spec["volumes"] if v["name"] == mount["name"]] == [{"name": mount["name"],
                                                                         "emptyDir": {"sizeLimit": "1Gi"}}]

@@ -13,7 +13,7 @@ import urllib.parse
 import pytest
 import requests
 
-from skinlesion.admission import LEDGER_NAME, Ledger
+from serving.admission import LEDGER_NAME, Ledger
 
 
 def address(service) -> tuple[str, int]:

@@ -96,7 +96,7 @@ def test_a_worker_killed_under_load_is_replaced_and_no_request_hangs(service, im
     assert max(o.seconds for o in outcomes) < 30  # the client's timeout for plain predictions: no hang
     failed = [o for o in outcomes if o.verdict != "ok"]
     # At most the batch on the killed worker fails, each request with an envelope; the other worker takes the queue.
-    batch_size = yaml.safe_load((ROOT / "handler" / "model-config.yaml").read_text())["batchSize"]
+    batch_size = yaml.safe_load((ROOT / "serving" / "model-config.yaml").read_text())["batchSize"]
     assert len(failed) <= batch_size and all(o.status in (500, 502, 503, 507) for o in failed), failed
     assert replaced < REPLACED_WITHIN_S
     after = load.run_load(service.url, images, total=8, concurrency=4, explain_every=0)

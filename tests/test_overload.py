@@ -1,7 +1,7 @@
 """More explanations at once than fit their deadline, through the real nginx and TorchServe: each is answered
 200, or refused with 503 at once; none times out; TorchServe computes exactly the ones answered 200.
 
-A service of its own whose explanation deadline is short (24 s instead of handler/explain-config.yaml's), so
+A service of its own whose explanation deadline is short (24 s instead of serving/explain-config.yaml's), so
 that explanations at Low precision at once overload it. For t seconds each on the two workers the ledger admits
 about 2 x (deadline / 1.25 - t) / t + 1 of them: between 2 and 22 for t from 1.6 to 12.8 s. The test sends 24, or
 twice 2 x deadline / t where the warm-up measured a shorter t (a CPU with native bfloat16 explains in about 1 s)."""
@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from bench.load import client_address
-from skinlesion.admission import LEDGER_NAME, Ledger
+from serving.admission import LEDGER_NAME, Ledger
 from tests.conftest import ROOT, Service, own_service
 
 DEADLINE_SECONDS = 24
@@ -36,7 +36,7 @@ WARMUP_ROUNDS = 3
 @pytest.fixture(scope="module")
 def short_deadline_service(checkpoints: Path, tmp_path_factory: pytest.TempPathFactory) -> Service:
     folder = tmp_path_factory.mktemp("overload")
-    config = yaml.safe_load((ROOT / "handler" / "explain-config.yaml").read_text())
+    config = yaml.safe_load((ROOT / "serving" / "explain-config.yaml").read_text())
     config["handler"]["deadline_seconds"] = DEADLINE_SECONDS
     (folder / "explain-config.yaml").write_text(yaml.safe_dump(config))
     with own_service(folder, checkpoints, folder / "explain-config.yaml") as service:

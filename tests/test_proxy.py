@@ -20,11 +20,11 @@ from pathlib import Path
 import pytest
 
 import serve
-from skinlesion.options import EXPLAIN_PATH
+from serving.settings import EXPLAIN_PATH
 from tests.conftest import ROOT
 
 BATCHING_PATH = "/predictions/skin"
-CONF = (ROOT / "proxy" / "nginx.conf").read_text()
+CONF = (ROOT / "serving" / "nginx.conf").read_text()
 PER_CLIENT = int(re.search(r"limit_conn per_client (\d+);", CONF)[1])
 EVERYONE = int(re.search(r"limit_conn everyone (\d+);", CONF)[1])
 

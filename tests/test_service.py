@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
+from serving.service import RequestError, parse_request, respond
 from skinlesion.image import decode_image
 from skinlesion.model import CLASS_NAMES
-from skinlesion.service import RequestError, parse_request, respond
 
 
 def jpeg_b64(size: tuple[int, int] = (120, 90)) -> str:
@@ -167,11 +167,11 @@ def test_explain_class_explains_the_class_asked_for(predictor) -> None:
 
 
 def test_a_failing_explanation_is_a_500_envelope(predictor, monkeypatch) -> None:
-    import skinlesion.service
+    import serving.service
 
     def broken(*args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(skinlesion.service, "explanation_payload", broken)
+    monkeypatch.setattr(serving.service, "explanation_payload", broken)
     [(status, payload)] = respond(predictor, [{"image": jpeg_b64(), "explain": True}])
     assert status == 500 and payload == {"success": False, "error": payload["error"]}

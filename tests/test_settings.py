@@ -10,7 +10,7 @@ import sys
 
 import yaml
 
-from handler.skin_handler import ADMISSION_PASS
+from serving.skin_handler import ADMISSION_PASS
 from skinlesion import options
 from skinlesion.explain import PRECISION_SETTINGS
 from skinlesion.model import ARCHITECTURES
@@ -25,9 +25,9 @@ def test_the_core_builds_exactly_the_options() -> None:
 
 def test_the_explanation_path_agrees_in_the_model_configs_and_nginx() -> None:
     for config in ("model-config.yaml", "model-config-gpu.yaml"):
-        settings = yaml.safe_load((ROOT / "handler" / config).read_text())["handler"]
+        settings = yaml.safe_load((ROOT / "serving" / config).read_text())["handler"]
         assert settings["explanations_at"] == options.EXPLAIN_PATH
-    conf = (ROOT / "proxy" / "nginx.conf").read_text()
+    conf = (ROOT / "serving" / "nginx.conf").read_text()
     assert re.search(r"location @explained \{[^}]*rewrite \^ (\S+) break;", conf)[1] == options.EXPLAIN_PATH
     # An explanation is admitted by the batching pool, /predict's own path, on the pass nginx marks as admission.
     batching_path = re.search(r"location = /predict \{.*?proxy_pass http://torchserve(\S+);", conf, re.S)[1]
@@ -77,16 +77,16 @@ def test_timeouts_nest_from_the_deadline_out_to_the_client() -> None:
     """The explanation deadline < TorchServe's response timeout < nginx's read timeout <= the client's wait."""
     import client
 
-    deadline = yaml.safe_load((ROOT / "handler" / "explain-config.yaml").read_text())["handler"]["deadline_seconds"]
+    deadline = yaml.safe_load((ROOT / "serving" / "explain-config.yaml").read_text())["handler"]["deadline_seconds"]
     torchserve = int(properties(ROOT / "config.properties")["default_response_timeout"])
     for config in ("model-config.yaml", "model-config-gpu.yaml", "explain-config.yaml"):
-        assert yaml.safe_load((ROOT / "handler" / config).read_text())["responseTimeout"] == torchserve
-    nginx = int(re.search(r"proxy_read_timeout (\d+)s;", (ROOT / "proxy" / "nginx.conf").read_text())[1])
+        assert yaml.safe_load((ROOT / "serving" / config).read_text())["responseTimeout"] == torchserve
+    nginx = int(re.search(r"proxy_read_timeout (\d+)s;", (ROOT / "serving" / "nginx.conf").read_text())[1])
     assert deadline < torchserve < nginx <= client.TIMEOUTS["explain"]
 
 
 def test_the_body_limit_agrees_in_nginx_and_torchserve() -> None:
-    conf = (ROOT / "proxy" / "nginx.conf").read_text()
+    conf = (ROOT / "serving" / "nginx.conf").read_text()
     mib = {int(n) for n in re.findall(r"client_(?:max_body|body_buffer)_size (\d+)m;", conf)}
     assert len(mib) == 1 and f"larger than {next(iter(mib))} MiB" in conf
     local = properties(ROOT / "config.properties")
@@ -122,7 +122,7 @@ def test_the_decoding_limits_in_the_settings_table_and_the_readme_are_the_code_s
 
 
 def test_the_readme_s_429_row_gives_nginx_s_limits() -> None:
-    conf = (ROOT / "proxy" / "nginx.conf").read_text()
+    conf = (ROOT / "serving" / "nginx.conf").read_text()
     per_client, everyone = (re.search(rf"limit_conn {zone} (\d+);", conf)[1] for zone in ("per_client", "everyone"))
     rate = re.search(r"zone=explanations:\S+ rate=(\d+)r/m;", conf)[1]
     [refused] = [line for line in (ROOT / "README.md").read_text().splitlines() if line.startswith("| 429 |")]

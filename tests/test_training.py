@@ -23,11 +23,10 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-import training.__main__ as training_main
 from skinlesion.image import decode_image
 from skinlesion.model import CLASS_CODES, CLASS_NAMES
 from skinlesion.predictor import Predictor
-from training.__main__ import parse_args, train
+from training import train as training_main
 from training.ablation import format_table
 from training.ablation import main as ablation_main
 from training.calibrate import CALIBRATORS, calibrate_checkpoint
@@ -43,6 +42,7 @@ from training.evaluate import (
 from training.evaluate import main as evaluate_main
 from training.model_card import main as model_card_main
 from training.model_card import render
+from training.train import parse_args, train
 
 COLUMNS = ("lesion_id", "image_id", "dx", "dx_type", "age", "sex", "localization")
 IMAGES_PER_LESION = (2, 1, 3, 1, 2)  # five lesions per class, 9 images per class, 63 in all

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 from skinlesion.model import build_model
-from training.__main__ import evaluate, load_images
 from training.data import split_dataset
+from training.train import evaluate, load_images
 
 # Lever name -> the training flags that turn it on. Every run tracks an EMA of the weights (the default, which
 # changes nothing in training) and logs the raw weights' figures beside it: the rows compare the raw weights,

@@ -31,17 +31,11 @@ from scipy.optimize import minimize_scalar
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
 from skinlesion.calibration import (
-    CLASS_TEMPERATURE_PRIOR_IMAGES,
     Calibration,
-    FitData,
     class_tempered_softmax,
-    fit_calibration,
-    fit_class_gaussians,
-    fit_class_temperatures,
     input_statistics,
     is_malignant,
     malignant_probability,
-    validation_pass_rate,
 )
 from skinlesion.image import TTA_VIEWS, decode_image
 from skinlesion.model import ARCHITECTURES, CLASS_CODES, add_to_checkpoint, load_checkpoint
@@ -57,6 +51,14 @@ from training.evaluate import (
     one_vs_rest_aucs,
     reliability_bins,
     to_json,
+)
+from training.fitting import (
+    CLASS_TEMPERATURE_PRIOR_IMAGES,
+    FitData,
+    fit_calibration,
+    fit_class_gaussians,
+    fit_class_temperatures,
+    validation_pass_rate,
 )
 from training.ood import out_of_domain_set
 from training.sources import SOURCES
@@ -90,7 +92,7 @@ def decode_samples(samples: list[Sample]) -> list[Image.Image]:
 def image_outputs(predictor: Predictor, images: list[Image.Image], batch_size: int = 64, views: str | None = None,
                   bfloat16: bool | None = None) -> Outputs:
     """Raw network outputs for RGB images, preprocessed exactly as served and run as served (or with these
-    test-time views and trunk precision)."""
+    test-time views and trunk dtype)."""
     views = predictor.views if views is None else views
     bfloat16 = predictor.bfloat16 if bfloat16 is None else bfloat16
     parts = [predictor.outputs(torch.stack([predictor.preprocess(im) for im in images[i : i + batch_size]]),
@@ -161,7 +163,7 @@ def nll(probabilities: torch.Tensor, labels: torch.Tensor) -> float:
 def calibrate_checkpoint(weights: Path, train: list[Sample], val: list[Sample], test: list[Sample],
                          views: str = INFERENCE_VIEWS, bfloat16: bool = INFERENCE_BFLOAT16,
                          held_out_run: dict | None = None, photos: list[Image.Image] | None = None) -> dict:
-    """Fit the calibration of `weights` for running it with these test-time views and trunk precision, store it
+    """Fit the calibration of `weights` for running it with these test-time views and trunk dtype, store it
     (and the card's metrics) in the checkpoint; returns the report: {"calibration": what was fitted and how it
     does, "test": compute_metrics with calibrated probabilities} or, in its place, "held_out_run".
 
@@ -306,7 +308,7 @@ def card_metrics(tested: dict, own: dict) -> dict:
 def class_temperatures(logits: torch.Tensor, labels: torch.Tensor,
                        prior_images: float = CLASS_TEMPERATURE_PRIOR_IMAGES) -> Calibrator:
     """The shipped calibrator: logits -> softmax(logits / T_k), k the top class, each T_k fitted on the top-label
-    loss of the images predicted k (skinlesion.calibration.fit_class_temperatures)."""
+    loss of the images predicted k (training.fitting.fit_class_temperatures)."""
     temperatures = fit_class_temperatures(logits, labels, prior_images)
     return lambda x: class_tempered_softmax(x.double(), temperatures)
 

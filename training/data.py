@@ -11,9 +11,9 @@ import torch
 from sklearn.model_selection import StratifiedGroupKFold
 
 from skinlesion.model import CLASS_CODES
+from skinlesion.options import IMAGE_SUFFIXES
 
 METADATA_NAMES = ("HAM10000_metadata.csv", "metadata.csv")
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 TRAIN_FOLDER, TEST_FOLDER = "HAM10000_images_train", "HAM10000_images_test"
 
 

@@ -12,16 +12,12 @@ import json
 import sys
 from pathlib import Path
 
-from skinlesion.calibration import (
-    CLASS_TEMPERATURE_PRIOR_IMAGES,
-    IN_DOMAIN_PASS_RATE,
-    MALIGNANCY_SENSITIVITY,
-    MALIGNANT_CODES,
-)
+from skinlesion.calibration import MALIGNANT_CODES
 from skinlesion.model import ARCHITECTURES, CLASSES
 from skinlesion.options import COVERAGE_LEVELS, DEFAULT_COVERAGE
 from training.calibrate import CALIBRATOR_FIGURES, ECE_TARGET, calibrators_scored, shipped_resplit
 from training.conformal import candidate_name
+from training.fitting import CLASS_TEMPERATURE_PRIOR_IMAGES, IN_DOMAIN_PASS_RATE, MALIGNANCY_SENSITIVITY
 from training.plots import plot_reliability, plot_set_curves
 
 CITATION = (

@@ -16,8 +16,8 @@ from typing import Any
 
 from PIL import Image
 
-from skinlesion.admission import DeadlinePassed, Ledger, clamp_arrival, explanation_kind
-from skinlesion.explain import explanation_payload
+from serving.admission import Ledger, clamp_arrival, explanation_kind
+from skinlesion.explain import DeadlinePassed, explanation_payload
 from skinlesion.image import ImageError, decode_image
 from skinlesion.model import CLASS_NAMES
 from skinlesion.options import COVERAGE_LEVELS, DEFAULT_COVERAGE, METHODS, PRECISIONS
@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 # would otherwise become gigabytes of model input, or hold a worker for many explanations in a row.
 MAX_INSTANCES = 16
 MAX_EXPLANATIONS_PER_REQUEST = 1
-# The body nginx sends for GET /model (proxy/nginx.conf): answered with the model card, not a prediction.
+# The body nginx sends for GET /model (serving/nginx.conf): answered with the model card, not a prediction.
 MODEL_CARD_REQUEST = {"model_card": True}
 DATA_URL_PREFIX = re.compile(r"data:image/[A-Za-z0-9.+-]+;base64,")
 WHITESPACE = re.compile(r"\s+")
@@ -58,7 +58,7 @@ class PredictRequest:
 class Arrival:
     """When, as what and from whom a request reached the public door (nginx's $request_id, $msec and client), and
     whether nginx asks for its explanation's admission: it sends an explanation to the batching pool again once
-    the client's explanation rate let it through (proxy/nginx.conf @explain)."""
+    the client's explanation rate let it through (serving/nginx.conf @explain)."""
 
     request_id: str
     seconds: float  # time.time() at arrival
@@ -232,7 +232,7 @@ def respond(predictor: Predictor, bodies: list[Any], timings: dict[str, float] |
     for (i, request, image), result in zip(accepted, results, strict=True):
         answers[i] = (200, {"success": True, **result})
         if request.explain:
-            answers[i] = explain(predictor, image, request, answers[i], arrivals[i], ledger, deadline, handling_since)
+            answers[i] = add_explanation(predictor, image, request, answers[i], arrivals[i], ledger, deadline, handling_since)
     return answers
 
 
@@ -243,8 +243,8 @@ def release(ledger: Ledger | None, explanations_at: str | None, arrival: Arrival
         ledger.finish(arrival.request_id)
 
 
-def explain(predictor: Predictor, image: Image.Image, request: PredictRequest, answer: tuple[int, dict],
-            arrival: Arrival, ledger: Ledger | None, deadline: float | None, handling_since: float) -> tuple[int, dict]:
+def add_explanation(predictor: Predictor, image: Image.Image, request: PredictRequest, answer: tuple[int, dict],
+                    arrival: Arrival, ledger: Ledger | None, deadline: float | None, handling_since: float) -> tuple[int, dict]:
     """The prediction's answer with its explanation added, or the reason there is none. The ledger learns the
     seconds since `handling_since` (time.monotonic()), when this worker took the request: what the admission must
     expect of it."""
@@ -264,7 +264,9 @@ def explain(predictor: Predictor, image: Image.Image, request: PredictRequest, a
                                  "explanation may take, and was not computed", deadline)
         label = CLASS_NAMES.index(request.explain_class or answer[1]["prediction"])
         log.info("explaining %s (%s)", arrival.request_id or "-", kind)
-        answer[1].update(explanation_payload(predictor, image, label, request.method, request.precision, until=until))
+        # The check starts from the probability the answer states, not one recomputed in another batch.
+        answer[1].update(explanation_payload(predictor, image, label, request.method, request.precision, until=until,
+                                             stated=answer[1]["probabilities"][CLASS_NAMES[label]]))
         log.info("explained %s (%s) in %.2f s", arrival.request_id or "-", kind, time.monotonic() - computing_since)
         computed = time.monotonic() - handling_since
         return answer

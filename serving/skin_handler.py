@@ -11,9 +11,9 @@ from typing import Any
 import torch
 from ts.metrics.metric_type_enum import MetricTypes
 
-from skinlesion.admission import Ledger
+from serving.admission import Ledger
+from serving.service import Arrival, respond, respond_instances
 from skinlesion.predictor import Predictor
-from skinlesion.service import Arrival, respond, respond_instances
 
 log = logging.getLogger(__name__)
 BUSY_STATUS = HTTPStatus.LOCKED
@@ -21,7 +21,7 @@ BUSY_STATUS = HTTPStatus.LOCKED
 # summed over requests, and the requests and batches they cover; bench/serving.py divides them.
 TIMER_METRIC = "Handler{stage}Milliseconds"
 REQUESTS_METRIC, BATCHES_METRIC = "HandlerRequests", "HandlerBatches"
-# X-Skin-Admission on the pass that nginx sends after the client's explanation rate (proxy/nginx.conf's map of
+# X-Skin-Admission on the pass that nginx sends after the client's explanation rate (serving/nginx.conf's map of
 # $explanation_admission; tests/test_settings.py compares).
 ADMISSION_PASS = "admit"
 
@@ -75,7 +75,7 @@ class SkinHandler:
         # Workers run side by side on two cores: one torch thread each avoids oversubscription.
         torch.set_num_threads(int(settings.get("torch_threads", 1)))
         # Set for the batching pool: its explanation requests are answered 307, and nginx replays them there,
-        # once admitted against the explaining workers' deadline (skinlesion.admission).
+        # once admitted against the explaining workers' deadline (serving.admission).
         self.explanations_at = settings.get("explanations_at")
         model_dir = Path(context.system_properties["model_dir"])
         device = worker_device(context.system_properties.get("gpu_id"))
@@ -100,7 +100,7 @@ class SkinHandler:
         record_timings(context, timings, len(data))
         for idx, (status, payload) in enumerate(answers):
             if "retry_after" in payload:
-                # "Busy" goes out as 423: nginx answers it 503 with our message (proxy/nginx.conf @busy), while
+                # "Busy" goes out as 423: nginx answers it 503 with our message (serving/nginx.conf @busy), while
                 # a 503 from TorchServe would count as the instance failing and be replayed on another.
                 status = BUSY_STATUS
                 context.set_response_header(idx, "Retry-After", str(payload["retry_after"]))

@@ -31,7 +31,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from skinlesion.options import EXPECTED_SECONDS as FIRST_GUESS_SECONDS
+from serving.settings import EXPECTED_SECONDS as FIRST_GUESS_SECONDS
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +72,6 @@ class Refusal:
 
     message: str
     retry_after: int
-
-
-class DeadlinePassed(Exception):
-    """Raised inside an explanation once its deadline has passed; the work done so far is dropped."""
 
 
 def clamp_arrival(arrival: float, now: float) -> float:
