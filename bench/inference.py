@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from bench.serving import median_seconds
+from bench.latency import median_seconds
 from skinlesion.image import decode_image
 from skinlesion.predictor import Predictor, native_bfloat16
 

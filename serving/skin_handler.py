@@ -18,7 +18,7 @@ from skinlesion.predictor import Predictor
 log = logging.getLogger(__name__)
 BUSY_STATUS = HTTPStatus.LOCKED
 # TorchServe metrics (Prometheus counters on the metrics API, per model): the handler's milliseconds per stage
-# summed over requests, and the requests and batches they cover; bench/serving.py divides them.
+# summed over requests, and the requests and batches they cover; bench/latency.py divides them.
 TIMER_METRIC = "Handler{stage}Milliseconds"
 REQUESTS_METRIC, BATCHES_METRIC = "HandlerRequests", "HandlerBatches"
 # X-Skin-Admission on the pass that nginx sends after the client's explanation rate (serving/nginx.conf's map of

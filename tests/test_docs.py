@@ -78,3 +78,9 @@ def test_imports_go_down_the_layers(layer: str) -> None:
     wrong = {str(path.relative_to(ROOT)): sorted(imported_packages(path) & MAY_NOT_IMPORT[layer])
              for path in sorted((ROOT / layer).rglob("*.py"))}
     assert not {path: names for path, names in wrong.items() if names}
+
+
+def test_the_training_guide_stays_a_guide() -> None:
+    # Run-by-run records go to docs/training-log.md; the guide links it.
+    guide = (ROOT / "docs" / "training.md").read_text()
+    assert len(guide.encode()) <= 15_000 and "(training-log.md)" in guide

@@ -65,7 +65,7 @@ def test_full_size_image_gets_a_success_envelope(service, image_b64) -> None:
 
 
 def test_the_handler_times_its_stages_in_torchserve_metrics(service, image_b64) -> None:
-    from bench.serving import handler_ms, skin_counters
+    from bench.latency import handler_ms, skin_counters
 
     def counters() -> dict[str, float]:
         return skin_counters(requests.get(f"{service.metrics_url}/metrics", timeout=10).text)
@@ -270,8 +270,8 @@ def test_torchserve_runs_with_the_jvm_options_of_config_properties(service) -> N
 
 
 def test_the_benchmark_sees_the_frontends_jit_compiler_threads(service) -> None:
-    # bench/serving.py warms up until these threads stop working: if it could not see them, it would stop at once.
-    from bench.serving import jit_compiler_seconds
+    # bench/latency.py warms up until these threads stop working: if it could not see them, it would stop at once.
+    from bench.latency import jit_compiler_seconds
 
     tasks = Path("/proc") / frontend_pid(service) / "task"
     ours = {thread: seconds for thread, seconds in jit_compiler_seconds().items() if (tasks / str(thread)).exists()}

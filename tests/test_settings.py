@@ -1,5 +1,5 @@
-"""One home per setting: files that cannot read skinlesion.options repeat its values, and these tests fail
-when a copy disagrees; the clients and the launcher stay torch-free; the benchmark scripts start as
+"""One home per setting: files that cannot read skinlesion.options or serving.settings repeat their values, and
+these tests fail when a copy disagrees; the clients and the launcher stay torch-free; the benchmark scripts start as
 bench/__init__.py says they run."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import sys
 
 import yaml
 
+from serving import settings as service_settings
 from serving.skin_handler import ADMISSION_PASS
 from skinlesion import options
 from skinlesion.explain import PRECISION_SETTINGS
@@ -20,15 +21,15 @@ from tests.conftest import ROOT
 def test_the_core_builds_exactly_the_options() -> None:
     assert tuple(PRECISION_SETTINGS) == options.PRECISIONS
     assert tuple(ARCHITECTURES) == options.ARCHITECTURE_NAMES
-    assert set(options.EXPECTED_SECONDS) == {"predict", "gradcam", "gradient", *options.PRECISIONS}
+    assert set(service_settings.EXPECTED_SECONDS) == {"predict", "gradcam", "gradient", *options.PRECISIONS}
 
 
 def test_the_explanation_path_agrees_in_the_model_configs_and_nginx() -> None:
     for config in ("model-config.yaml", "model-config-gpu.yaml"):
         settings = yaml.safe_load((ROOT / "serving" / config).read_text())["handler"]
-        assert settings["explanations_at"] == options.EXPLAIN_PATH
+        assert settings["explanations_at"] == service_settings.EXPLAIN_PATH
     conf = (ROOT / "serving" / "nginx.conf").read_text()
-    assert re.search(r"location @explained \{[^}]*rewrite \^ (\S+) break;", conf)[1] == options.EXPLAIN_PATH
+    assert re.search(r"location @explained \{[^}]*rewrite \^ (\S+) break;", conf)[1] == service_settings.EXPLAIN_PATH
     # An explanation is admitted by the batching pool, /predict's own path, on the pass nginx marks as admission.
     batching_path = re.search(r"location = /predict \{.*?proxy_pass http://torchserve(\S+);", conf, re.S)[1]
     assert re.search(r"location @explain \{[^}]*rewrite \^ (\S+) break;", conf)[1] == batching_path
@@ -39,7 +40,7 @@ def test_the_explanation_path_agrees_in_the_model_configs_and_nginx() -> None:
 def test_archive_sh_builds_every_model_and_version() -> None:
     script = (ROOT / "archive.sh").read_text()
     assert f"for arch in {' '.join(options.ARCHITECTURE_NAMES)}; do" in script
-    assert f"for model in {' '.join(options.TORCHSERVE_MODELS)}; do" in script
+    assert f"for model in {' '.join(service_settings.TORCHSERVE_MODELS)}; do" in script
 
 
 def test_the_client_and_the_launcher_import_no_torch() -> None:
@@ -61,7 +62,7 @@ def test_every_benchmark_starts_as_a_script_from_anywhere(tmp_path) -> None:
 
 
 def test_the_ports_agree_with_config_properties_serve_sh_and_compose() -> None:
-    ports = options.DEFAULT_PORTS
+    ports = service_settings.DEFAULT_PORTS
     local = properties(ROOT / "config.properties")
     assert local["inference_address"] == f"http://127.0.0.1:{ports['inference']}"
     assert local["management_address"] == f"http://127.0.0.1:{ports['management']}"

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageOps
 
-from bench.serving import median_seconds
+from bench.latency import median_seconds
 from skinlesion.image import decode_image, preprocess, to_rgb
 from skinlesion.predictor import Predictor
 

@@ -1,7 +1,7 @@
 """Serving benchmark: the model's own speed in-process (the floor) against the same model through nginx and
 TorchServe, on real full-size photos, with the served time split into its parts.
 
-    .venv/bin/python bench/serving.py [--requests 240] [--concurrency 1 4 8 16] [--models resnet18 resnet34]
+    .venv/bin/python bench/latency.py [--requests 240] [--concurrency 1 4 8 16] [--models resnet18 resnet34]
                                     [--model-config serving/model-config.yaml] [--explain-load]
 
 It builds archives of the shipped weights with the given per-version TorchServe settings of the plain-
