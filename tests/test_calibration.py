@@ -25,7 +25,7 @@ from skinlesion.image import decode_image, dihedral_views
 from skinlesion.model import ARCHITECTURES, CLASS_CODES, CLASS_NAMES, DEFAULT_IMAGE_SIZE, build_model, save_checkpoint
 from skinlesion.predictor import Predictor
 from tests.conftest import ROOT, ramp_image
-from training.calibrate import (
+from training.compare_calibrators import (
     CALIBRATORS,
     OUT_OF_FOLD_GROUPS,
     class_temperatures,

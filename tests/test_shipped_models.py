@@ -15,7 +15,8 @@ from skinlesion.model import ARCHITECTURES, DEFAULT_IMAGE_SIZE
 from skinlesion.options import COVERAGE_LEVELS, DEFAULT_COVERAGE
 from skinlesion.predictor import Predictor
 from tests.conftest import HAM10000, ROOT
-from training.calibrate import CALIBRATOR_FIGURES, calibrators_scored, image_outputs, shipped_resplit
+from training.calibrate import image_outputs
+from training.compare_calibrators import CALIBRATOR_FIGURES, calibrators_scored, shipped_resplit
 from training.data import read_samples, split_dataset
 from training.evaluate import compute_metrics, predict_samples
 from training.model_card import malignant_share, mean_malignant_probability, read_reports, render, scored_report

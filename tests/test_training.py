@@ -29,8 +29,9 @@ from skinlesion.predictor import Predictor
 from training import train as training_main
 from training.ablation import format_table
 from training.ablation import main as ablation_main
-from training.calibrate import CALIBRATORS, calibrate_checkpoint
+from training.calibrate import calibrate_checkpoint
 from training.calibrate import main as calibrate_main
+from training.compare_calibrators import CALIBRATORS, SHIPPED_CALIBRATOR
 from training.data import TEST_FOLDER, TRAIN_FOLDER, grouped_split, read_samples, split_dataset
 from training.evaluate import (
     calibration_error_floor,
@@ -266,7 +267,7 @@ def test_calibrate_cli_refits_a_checkpoint_and_updates_its_report(trained: Train
     assert 0 <= out_of_fold["ece"] <= 1 and out_of_fold["ece_if_calibrated"]["mean"] <= out_of_fold["ece_if_calibrated"]["p95"]
     assert set(saved["calibration"]["validation_out_of_fold_alternatives"]) == set(list(CALIBRATORS)[1:])
     assert "out of fold" in printed and "perfectly calibrated" in printed
-    assert f"{next(iter(CALIBRATORS))} (shipped)" in printed
+    assert f"{SHIPPED_CALIBRATOR} (shipped)" in printed
     assert calibrate_main([str(trained.root), "--type", "resnet18", "--weights", str(tmp_path / "absent.pt")]) == 2
 
 

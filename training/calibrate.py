@@ -12,13 +12,15 @@ checkpoint then serves with: test-time views and a bfloat16 trunk (defaults chos
 docs/training.md). Weights trained on the test split too (python -m training --train-on-test) are fitted the
 same way on the validation split, but carry the test figures of the same recipe's run that held the test split out
 (--held-out REPORT), marked so.
+
+The calibrators compared with the shipped one are in training/compare_calibrators.py; the report's keys, and the
+text printed of it, in training/reports.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
 import sys
 from collections.abc import Callable
@@ -27,40 +29,28 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from scipy.optimize import minimize_scalar
-from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+from sklearn.metrics import roc_auc_score
 
-from skinlesion.calibration import (
-    Calibration,
-    class_tempered_softmax,
-    input_statistics,
-    is_malignant,
-    malignant_probability,
-)
+from skinlesion.calibration import Calibration, input_statistics, is_malignant, malignant_probability
 from skinlesion.image import TTA_VIEWS, decode_image
 from skinlesion.model import ARCHITECTURES, CLASS_CODES, add_to_checkpoint, load_checkpoint
 from skinlesion.predictor import Outputs, Predictor, native_bfloat16
-from training.conformal import candidate_name, choose_sets, format_sets, sets_on_test
-from training.data import Sample, lesion_folds, read_samples, split_dataset
-from training.evaluate import (
-    calibration_error_floor,
-    compute_metrics,
-    expected_calibration_error,
-    macro_auc,
-    malignant_calibration_error,
-    one_vs_rest_aucs,
-    reliability_bins,
-    to_json,
+from training.compare_calibrators import compare_out_of_fold, compare_resplits, nll
+from training.conformal import choose_sets, sets_on_test
+from training.data import Sample, read_samples, split_dataset
+from training.evaluate import compute_metrics, reliability_bins, to_json
+from training.fitting import FitData, fit_calibration, fit_class_gaussians, validation_pass_rate
+from training.ood import REPORT_SEED, SELECTION_SEED, out_of_domain_set
+from training.reports import (
+    HELD_OUT_KEYS,
+    CalibrationReport,
+    CalibrationResult,
+    ScoredRun,
+    SelectionSet,
+    SplitMetrics,
+    card_metrics,
+    format_calibration,
 )
-from training.fitting import (
-    CLASS_TEMPERATURE_PRIOR_IMAGES,
-    FitData,
-    fit_calibration,
-    fit_class_gaussians,
-    fit_class_temperatures,
-    validation_pass_rate,
-)
-from training.ood import out_of_domain_set
 from training.sources import SOURCES
 
 # How checkpoints run unless told otherwise (chosen on the validation split, docs/training.md): the four flips
@@ -70,19 +60,6 @@ INFERENCE_VIEWS = "flips"
 INFERENCE_BFLOAT16 = True
 # Lesions damaged for each out-of-domain draw (half cropped away, half blurred).
 DAMAGED_LESIONS = 60
-SELECTION_SEED, REPORT_SEED = 0, 1
-# Lesion-grouped folds of the validation split for the out-of-fold calibration figures, dealt this many times
-# (the figures are averaged over the deals: one deal's ECE moves by about 0.003 with its seed).
-OUT_OF_FOLD_GROUPS = 5
-OUT_OF_FOLD_DEALS = 20
-# Lesion-grouped resplits of the validation and test lesions behind the spread of the test ECE.
-RESPLITS = 200
-# What the calibrated top-label ECE (15 bins) on the test split is held to.
-ECE_TARGET = 0.03
-# What weights trained on the test split carry of the report of the run that held it out.
-HELD_OUT_KEYS = ("weights", "arguments", "images", "saved_epoch", "test", "calibration")
-# Fitted calibration: raw logits -> calibrated probabilities.
-Calibrator = Callable[[torch.Tensor], torch.Tensor]
 
 
 def decode_samples(samples: list[Sample]) -> list[Image.Image]:
@@ -156,13 +133,34 @@ def flagged_share(scores: torch.Tensor, threshold: float) -> float:
     return float((scores > threshold).float().mean())
 
 
-def nll(probabilities: torch.Tensor, labels: torch.Tensor) -> float:
-    return float(torch.nn.functional.nll_loss(probabilities.clamp_min(1e-12).log(), labels))
+def compare_domain_scores(predictor: Predictor, outputs: Callable[[list[Image.Image]], Outputs], splits: dict[str, FitData],
+                          train_images: list[Image.Image], val_images: list[Image.Image],
+                          photos: list[Image.Image] | None) -> SelectionSet:
+    """The candidate out-of-domain scores on the validation lesions against the seed-SELECTION_SEED out-of-domain set,
+    and the share of the rechecked lesion images (and full-size `photos`, where given) each flags at its threshold."""
+    rng = np.random.default_rng(SELECTION_SEED)
+    chosen = [val_images[i] for i in rng.choice(len(val_images), min(DAMAGED_LESIONS, len(val_images)), replace=False)]
+    selection_set = [im for _, im in out_of_domain_set(chosen, SELECTION_SEED)]
+    rechecked = {f"validation lesions, {source}": [SOURCES[source](im) for im in val_images] for source in RECHECKED_SOURCES}
+    if photos:
+        rechecked |= {"full-size photos": photos, "full-size photos, 1200x900, JPEG 90": [
+            SOURCES["1200x900, JPEG 90"](im) for im in photos]}
+    candidates = score_candidates(
+        splits["train"], splits["val"], outputs(selection_set), {name: outputs(ims) for name, ims in rechecked.items()},
+        {name: channel_statistics(predictor, ims) for name, ims in
+         {"train": train_images, "val": val_images, "ood": selection_set, **rechecked}.items()})
+    comparison = {name: {"auroc": auroc(scores["val"], scores["ood"]),
+                         "flagged": flagged_share(scores["ood"], threshold_for(scores["val"])),
+                         "lesions_flagged": {group: flagged_share(scores[group], threshold_for(scores["val"]))
+                                             for group in rechecked}}
+                  for name, scores in candidates.items()}
+    return {"images": len(selection_set), "candidates": comparison,
+            "lesion_images": {group: len(ims) for group, ims in rechecked.items()}}
 
 
 def calibrate_checkpoint(weights: Path, train: list[Sample], val: list[Sample], test: list[Sample],
                          views: str = INFERENCE_VIEWS, bfloat16: bool = INFERENCE_BFLOAT16,
-                         held_out_run: dict | None = None, photos: list[Image.Image] | None = None) -> dict:
+                         held_out_run: ScoredRun | None = None, photos: list[Image.Image] | None = None) -> CalibrationResult:
     """Fit the calibration of `weights` for running it with these test-time views and trunk dtype, store it
     (and the card's metrics) in the checkpoint; returns the report: {"calibration": what was fitted and how it
     does, "test": compute_metrics with calibrated probabilities} or, in its place, "held_out_run".
@@ -186,35 +184,17 @@ def calibrate_checkpoint(weights: Path, train: list[Sample], val: list[Sample], 
     val_lesions = [s.lesion_id for s in val]
     sets, sets_report = choose_sets(calibration.probabilities(splits["val"].logits), splits["val"].labels, val_lesions)
     calibration = dataclasses.replace(calibration, sets=sets)
-    out_of_fold = {name: out_of_fold_calibration(splits["val"].logits, splits["val"].labels, val_lesions, fit=fit)
-                   for name, fit in CALIBRATORS.items()}
-    shipped_calibrator = next(iter(CALIBRATORS))
-
-    rng = np.random.default_rng(SELECTION_SEED)
-    chosen = [val_images[i] for i in rng.choice(len(val_images), min(DAMAGED_LESIONS, len(val_images)), replace=False)]
-    selection_set = [im for _, im in out_of_domain_set(chosen, SELECTION_SEED)]
-    rechecked = {f"validation lesions, {source}": [SOURCES[source](im) for im in val_images] for source in RECHECKED_SOURCES}
-    if photos:
-        rechecked |= {"full-size photos": photos, "full-size photos, 1200x900, JPEG 90": [
-            SOURCES["1200x900, JPEG 90"](im) for im in photos]}
-    candidates = score_candidates(
-        splits["train"], splits["val"], outputs(selection_set), {name: outputs(ims) for name, ims in rechecked.items()},
-        {name: channel_statistics(predictor, ims) for name, ims in
-         {"train": train_images, "val": val_images, "ood": selection_set, **rechecked}.items()})
+    shipped_out_of_fold, alternatives = compare_out_of_fold(splits["val"].logits, splits["val"].labels, val_lesions)
+    selection = compare_domain_scores(predictor, outputs, splits, train_images, val_images, photos)
     del train_images
-    comparison = {name: {"auroc": auroc(scores["val"], scores["ood"]),
-                         "flagged": flagged_share(scores["ood"], threshold_for(scores["val"])),
-                         "lesions_flagged": {group: flagged_share(scores[group], threshold_for(scores["val"]))
-                                             for group in rechecked}}
-                  for name, scores in candidates.items()}
     val_scores = calibration.domain_score(splits["val"].statistics, splits["val"].features)
     val_probabilities = calibration.probabilities(splits["val"].logits)
-    report = {
+    report: CalibrationReport = {
         "views": views,
         "bfloat16": bfloat16,
         "temperatures": dict(zip(CLASS_CODES, calibration.temperatures, strict=True)),
-        "validation_out_of_fold": out_of_fold.pop(shipped_calibrator),
-        "validation_out_of_fold_alternatives": out_of_fold,
+        "validation_out_of_fold": shipped_out_of_fold,
+        "validation_out_of_fold_alternatives": alternatives,
         "malignancy": {
             "threshold": calibration.malignancy_threshold,
             "validation_sensitivity": alert_rates(val_probabilities, splits["val"].labels, calibration)[0],
@@ -222,8 +202,7 @@ def calibrate_checkpoint(weights: Path, train: list[Sample], val: list[Sample], 
         "out_of_domain": {
             "threshold": calibration.domain_threshold,
             "validation_lesions_flagged": flagged_share(val_scores, calibration.domain_threshold),
-            "selection_set": {"images": len(selection_set), "candidates": comparison,
-                              "lesion_images": {group: len(ims) for group, ims in rechecked.items()}},
+            "selection_set": selection,
         },
         "prediction_sets": sets_report,
     }
@@ -239,7 +218,7 @@ def calibrate_checkpoint(weights: Path, train: list[Sample], val: list[Sample], 
 
 
 def score_test_split(outputs: Callable[[list[Image.Image]], Outputs], test: list[Sample], calibration: Calibration,
-                     report: dict, val: FitData, val_lesions: list[str]) -> dict:
+                     report: CalibrationReport, val: FitData, val_lesions: list[str]) -> SplitMetrics:
     """Calibrated test metrics; the test figures of the calibration (before and after, the spread of the ECE over
     resplits of the validation and test lesions, the alert, the out-of-domain check against the seed-1 set of
     damaged test lesions) are added to `report`."""
@@ -261,10 +240,9 @@ def score_test_split(outputs: Callable[[list[Image.Image]], Outputs], test: list
     report["test_after"] = {"nll": nll(after, test_data.labels), "ece": metrics["expected_calibration_error"],
                             "ece_if_calibrated": metrics["expected_calibration_error_if_calibrated"],
                             "mean_confidence": float(after.max(1).values.mean()),
-                            "ece_resplits": {name: resplit_calibration_error(
+                            "ece_resplits": compare_resplits(
                                 torch.cat([val.logits, test_data.logits]), torch.cat([val.labels, test_data.labels]),
-                                val_lesions + [s.lesion_id for s in test], len(set(val_lesions)), fit=fit)
-                                for name, fit in CALIBRATORS.items()}}
+                                val_lesions + [s.lesion_id for s in test], len(set(val_lesions)))}
     report["malignancy"].update(zip(("test_sensitivity", "test_specificity"),
                                     alert_rates(after, test_data.labels, calibration), strict=True))
     report["malignancy"]["test_auc"] = metrics["malignant_auc"]
@@ -285,152 +263,6 @@ def score_test_split(outputs: Callable[[list[Image.Image]], Outputs], test: list
     return metrics
 
 
-def card_metrics(tested: dict, own: dict) -> dict:
-    """The test figures GET /model quotes, from a report's "test" and "calibration"; the prediction sets' fit and
-    validation figures from `own`, the calibration report of the weights themselves."""
-    metrics, calibration = tested["test"], tested["calibration"]
-    sets = own["prediction_sets"]
-    chosen = sets["validation_out_of_fold"][candidate_name(sets["score"], sets["grouping"])]
-    return {
-        "test_images": metrics["n_images"],
-        **{key: metrics[key] for key in ("accuracy", "balanced_accuracy", "macro_auc", "melanoma_auc",
-                                         "melanoma_sensitivity", "melanoma_specificity", "expected_calibration_error")},
-        "malignancy_sensitivity": calibration["malignancy"]["test_sensitivity"],
-        "malignancy_specificity": calibration["malignancy"]["test_specificity"],
-        "out_of_domain_auroc": calibration["out_of_domain"]["report_set"]["auroc"],
-        "test_lesions_flagged_out_of_domain": calibration["out_of_domain"]["test_lesions_flagged"],
-        "prediction_sets": {"score": sets["score"], "grouping": sets["grouping"],
-                            "test": calibration["prediction_sets"]["test"]["levels"],
-                            "validation_out_of_fold": chosen},
-    }
-
-
-def class_temperatures(logits: torch.Tensor, labels: torch.Tensor,
-                       prior_images: float = CLASS_TEMPERATURE_PRIOR_IMAGES) -> Calibrator:
-    """The shipped calibrator: logits -> softmax(logits / T_k), k the top class, each T_k fitted on the top-label
-    loss of the images predicted k (training.fitting.fit_class_temperatures)."""
-    temperatures = fit_class_temperatures(logits, labels, prior_images)
-    return lambda x: class_tempered_softmax(x.double(), temperatures)
-
-
-def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """The one temperature T minimising the negative log-likelihood of softmax(logits / T)."""
-    logits, labels = logits.double(), labels.long()
-
-    def nll(log_t: float) -> float:
-        return float(torch.nn.functional.cross_entropy(logits / np.exp(log_t), labels))
-
-    return float(np.exp(minimize_scalar(nll, bounds=(-3.0, 3.0), method="bounded").x))
-
-
-def temperature_scaling(logits: torch.Tensor, labels: torch.Tensor) -> Calibrator:
-    """One temperature for every image (Guo et al. 2017), fitted by minimum NLL; shipped until per-class
-    temperatures scored better out of fold."""
-    temperature = fit_temperature(logits, labels)
-    return lambda x: (x.double() / temperature).softmax(1)
-
-
-def temperature_and_class_bias(logits: torch.Tensor, labels: torch.Tensor) -> Calibrator:
-    """softmax(logits / T + b), T and one bias per class fitted by minimum NLL (bias-corrected temperature
-    scaling, Alexandari et al. 2020). The bias can undo the lean towards the rarer classes that the
-    class-weighted training loss gives the logits; it also moves the top label."""
-    logits, labels = logits.double(), labels.long()
-    log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)
-    bias = torch.zeros(logits.shape[1], dtype=torch.float64, requires_grad=True)
-    optimizer = torch.optim.LBFGS([log_t, bias], max_iter=500, line_search_fn="strong_wolfe")
-
-    def closure() -> torch.Tensor:
-        optimizer.zero_grad()
-        loss = torch.nn.functional.cross_entropy(logits / log_t.exp() + bias, labels)
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
-    temperature, bias = float(log_t.detach().exp()), bias.detach()
-    return lambda x: (x.double() / temperature + bias).softmax(1)
-
-
-# Calibrators scored out of fold on the validation lesions; the first is the one fitted into checkpoints, the
-# next two are its prior weight's neighbours.
-CALIBRATORS: dict[str, Callable[[torch.Tensor, torch.Tensor], Calibrator]] = {
-    f"temperature per predicted class, prior {CLASS_TEMPERATURE_PRIOR_IMAGES}": class_temperatures,
-    "temperature per predicted class, prior 10": functools.partial(class_temperatures, prior_images=10),
-    "temperature per predicted class, prior 100": functools.partial(class_temperatures, prior_images=100),
-    "one temperature": temperature_scaling,
-    "one temperature and class bias": temperature_and_class_bias,
-}
-
-
-# The out-of-fold figures the calibrator comparison tables show, in order.
-CALIBRATOR_FIGURES = ("nll", "ece", "malignant_ece", "accuracy", "balanced_accuracy", "macro_auc")
-
-
-def calibrators_scored(report: dict) -> dict[str, dict]:
-    """A calibration report's out-of-fold validation figures by calibrator, the shipped one first, marked so."""
-    return {f"{next(iter(CALIBRATORS))} (shipped)": report["validation_out_of_fold"],
-            **report["validation_out_of_fold_alternatives"]}
-
-
-def out_of_fold_probabilities(logits: torch.Tensor, labels: torch.Tensor, lesions: list[str], folds: int,
-                              fit: Callable[[torch.Tensor, torch.Tensor], Calibrator], seed: int) -> torch.Tensor:
-    """Each image's probabilities from the calibrator fitted on the other folds of one deal of the lesions."""
-    groups = lesion_folds(lesions, folds, seed)
-    probabilities = torch.empty(logits.shape, dtype=torch.float64)
-    for group in range(folds):
-        held_out = groups == group
-        probabilities[held_out] = fit(logits[~held_out], labels[~held_out])(logits[held_out])
-    return probabilities
-
-
-def out_of_fold_calibration(logits: torch.Tensor, labels: torch.Tensor, lesions: list[str],
-                            folds: int = OUT_OF_FOLD_GROUPS, fit: Callable[[torch.Tensor, torch.Tensor], Calibrator]
-                            = class_temperatures, deals: int = OUT_OF_FOLD_DEALS) -> dict:
-    """A calibrator scored on lesions it was not fitted on: the validation lesions dealt into `folds` groups (a
-    lesion's images stay together), each scored with the calibrator fitted on the others; every figure is the
-    average over `deals` deals. What the method gives new lesions like the validation ones, apart from any shift
-    between validation and test lesions."""
-    truth = labels.numpy()
-
-    def scored(probabilities: torch.Tensor) -> dict:
-        probs = probabilities.numpy()
-        return {"nll": nll(probabilities, labels), "ece": expected_calibration_error(truth, probs),
-                "accuracy": float((probs.argmax(1) == truth).mean()),
-                "balanced_accuracy": float(balanced_accuracy_score(truth, probs.argmax(1))),
-                "macro_auc": macro_auc(one_vs_rest_aucs(truth, probs)),
-                "mean_confidence": float(probs.max(1).mean()),
-                "malignant_ece": malignant_calibration_error(truth, probs),
-                "mean_malignant_probability": float(malignant_probability(probabilities).mean())}
-
-    runs = [out_of_fold_probabilities(logits, labels, lesions, folds, fit, seed) for seed in range(deals)]
-    figures = [scored(p) for p in runs]
-    return {"folds": folds, "deals": deals, **{key: float(np.mean([f[key] for f in figures])) for key in figures[0]},
-            "ece_if_calibrated": calibration_error_floor(runs[0].numpy()),
-            "malignant_share": float(is_malignant(labels).double().mean())}
-
-
-def resplit_calibration_error(logits: torch.Tensor, labels: torch.Tensor, lesions: list[str], calibration_lesions: int,
-                              fit: Callable[[torch.Tensor, torch.Tensor], Calibrator] = class_temperatures,
-                              draws: int = RESPLITS) -> dict[str, float]:
-    """The top-label ECE a calibrator gives new lesions, over `draws` random lesion-grouped resplits of these
-    images: fitted on `calibration_lesions` of the lesions, scored on the others. The test ECE is one such draw
-    (fitted on the validation lesions, scored on the test lesions); this is how far the luck of the split alone
-    moves it, and how often it meets ECE_TARGET."""
-    names = np.array(lesions)
-    rng = np.random.default_rng(SELECTION_SEED)
-    errors = []
-    for _ in range(draws):
-        fitted = torch.from_numpy(np.isin(names, rng.permutation(np.unique(names))[:calibration_lesions]))
-        probabilities = fit(logits[fitted], labels[fitted])(logits[~fitted])
-        errors.append(expected_calibration_error(labels[~fitted].numpy(), probabilities.numpy()))
-    return {"draws": draws, "mean": float(np.mean(errors)), "p5": float(np.percentile(errors, 5)),
-            "p95": float(np.percentile(errors, 95)), "share_at_target": float(np.mean(np.array(errors) <= ECE_TARGET))}
-
-
-def shipped_resplit(report: dict) -> dict[str, float]:
-    """A calibration report's resplit figures for the calibrator fitted into checkpoints."""
-    return report["test_after"]["ece_resplits"][next(iter(CALIBRATORS))]
-
-
 def alert_rates(probabilities: torch.Tensor, labels: torch.Tensor, calibration: Calibration) -> tuple[float, float]:
     """(sensitivity, specificity) of the malignancy alert."""
     alert = malignant_probability(probabilities) >= calibration.malignancy_threshold
@@ -438,57 +270,6 @@ def alert_rates(probabilities: torch.Tensor, labels: torch.Tensor, calibration: 
     sensitivity = float(alert[malignant].float().mean()) if malignant.any() else float("nan")
     specificity = float((~alert[~malignant]).float().mean()) if (~malignant).any() else float("nan")
     return sensitivity, specificity
-
-
-def floor_text(floor: dict[str, float]) -> str:
-    return f"{floor['mean']:.4f}, 95% below {floor['p95']:.4f}"
-
-
-def format_calibration(report: dict) -> str:
-    """The calibration report as text; its test lines only where it has test figures (not for weights trained
-    on the test split)."""
-    ood = report["out_of_domain"]
-    tested = "test_after" in report
-    lines = [
-        f"fitted for             test-time views {report['views']}, {'bfloat16' if report['bfloat16'] else 'float32'} trunk",
-        "temperatures by predicted class " + ", ".join(f"{code} {t:.3f}" for code, t in report["temperatures"].items()),
-        *([f"test NLL               {report['test_before']['nll']:.4f} -> {report['test_after']['nll']:.4f}",
-           f"test ECE (15 bins)     {report['test_before']['ece']:.4f} -> {report['test_after']['ece']:.4f} "
-           f"(perfectly calibrated: {floor_text(report['test_after']['ece_if_calibrated'])})",
-           f"test ECE over {RESPLITS} lesion-grouped resplits of validation + test: mean, 90% range, share <= {ECE_TARGET}",
-           *(f"  {name:<54} {m['mean']:.4f}  {m['p5']:.4f}-{m['p95']:.4f}  {m['share_at_target']:.3f}"
-             for name, m in report["test_after"]["ece_resplits"].items())] if tested else []),
-        f"validation ECE, out of fold ({report['validation_out_of_fold']['folds']} lesion groups, "
-        f"{report['validation_out_of_fold']['deals']} deals) "
-        f"{report['validation_out_of_fold']['ece']:.4f} (perfectly calibrated: "
-        f"{floor_text(report['validation_out_of_fold']['ece_if_calibrated'])})",
-        "calibrators, out of fold on validation: NLL, ECE, P(malignant) ECE, mean P(malignant) / malignant share, "
-        "accuracy, balanced accuracy, macro AUC",
-        *(f"  {name:<54} {m['nll']:.4f}  {m['ece']:.4f}  {m['malignant_ece']:.4f}  {m['mean_malignant_probability']:.3f} / "
-          f"{m['malignant_share']:.3f}  {m['accuracy']:.4f}  {m['balanced_accuracy']:.4f}  {m['macro_auc']:.4f}"
-          for name, m in calibrators_scored(report).items()),
-        f"malignancy threshold   {report['malignancy']['threshold']:.4f} (validation sensitivity "
-        f"{report['malignancy']['validation_sensitivity']:.3f})",
-        *([f"malignancy, test       sensitivity {report['malignancy']['test_sensitivity']:.3f}, specificity "
-           f"{report['malignancy']['test_specificity']:.3f}, AUC {report['malignancy']['test_auc']:.4f}"] if tested else []),
-        f"out-of-domain threshold {ood['threshold']:.3f}: validation lesions flagged {ood['validation_lesions_flagged']:.3f}"
-        + (f", test lesions flagged {ood['test_lesions_flagged']:.3f}" if tested else ""),
-        *([f"out-of-domain set ({ood['report_set']['images']} images, seed {REPORT_SEED}): AUROC "
-           f"{ood['report_set']['auroc']:.4f}, flagged {ood['report_set']['flagged']:.3f}",
-           *(f"  {kind:<22} flagged {share:.3f}" for kind, share in ood["report_set"]["flagged_by_kind"].items())]
-          if tested else []),
-        f"candidate scores (validation lesions vs the seed-{SELECTION_SEED} set, {ood['selection_set']['images']} images):",
-        *(f"  {name:<42} AUROC {m['auroc']:.4f}  flagged {m['flagged']:.3f}"
-          for name, m in ood["selection_set"]["candidates"].items()),
-        "share of other lesion images flagged at each candidate's threshold: "
-        + "; ".join(f"({i}) {group} ({count})"
-                    for i, (group, count) in enumerate(ood["selection_set"]["lesion_images"].items(), 1)),
-        *(f"  {name:<42} " + "  ".join(f"({i}) {share:.3f}" for i, share in enumerate(m["lesions_flagged"].values(), 1))
-          for name, m in ood["selection_set"]["candidates"].items()),
-        *format_sets(report["prediction_sets"]),
-        *([] if tested else ["no test figures: these weights were trained on the test split too"]),
-    ]
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,10 +33,11 @@ from skinlesion.image import (
 )
 from skinlesion.model import ARCHITECTURES, CLASS_CODES, DEFAULT_IMAGE_SIZE, build_model, load_checkpoint, save_checkpoint
 from skinlesion.predictor import native_bfloat16
-from training.calibrate import calibrate_checkpoint, format_calibration
+from training.calibrate import calibrate_checkpoint
 from training.data import Sample, split_dataset
 from training.evaluate import compute_metrics, format_report, to_json
 from training.plots import plot_confusion, plot_curves
+from training.reports import format_calibration
 
 # Share of the one-cycle schedule spent warming the learning rate up.
 WARMUP_FRACTION = 0.15
