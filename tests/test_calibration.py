@@ -66,6 +66,7 @@ def labels_drawn_by_predicted_class(logits: torch.Tensor, temperatures: list[flo
     return torch.multinomial(class_tempered_softmax(logits, tuple(temperatures)), 1, generator=generator).squeeze(1)
 
 
+@pytest.mark.slow  # tens of seconds: ./test.sh quick leaves it out
 def test_class_temperatures_recover_the_temperatures_that_drew_the_labels_and_keep_the_label() -> None:
     """Underconfident when it names the common class (5, nv), overconfident when it names a rarer one: one
     temperature per predicted class undoes both, which one shared temperature cannot."""
@@ -116,6 +117,7 @@ def test_out_of_fold_calibration_scores_each_fold_with_the_others_temperatures()
     assert report["nll"] == pytest.approx(torch.nn.functional.cross_entropy(logits / 2.5, labels).item(), abs=0.01)
 
 
+@pytest.mark.slow  # tens of seconds: ./test.sh quick leaves it out
 def test_a_class_bias_undoes_the_lean_a_temperature_cannot() -> None:
     """Labels drawn from softmax(logits / 2 + b), as from a network trained with class weights that favour the
     rarer classes: the temperature alone leaves every probability leaning away from the common class (5, nv)."""

@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 from serving import settings as service_settings
@@ -54,6 +55,7 @@ def properties(path) -> dict[str, str]:
     return dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
 
 
+@pytest.mark.slow  # tens of seconds: ./test.sh quick leaves it out
 def test_every_benchmark_starts_as_a_script_from_anywhere(tmp_path) -> None:
     scripts = sorted(p for p in (ROOT / "bench").rglob("*.py") if p.name != "__init__.py")
     for script in scripts:

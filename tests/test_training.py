@@ -355,6 +355,7 @@ def test_report_test_metrics_match_the_saved_weights(trained: Trained) -> None:
     assert trained.report["test"]["accuracy"] == pytest.approx(expected["accuracy"])
 
 
+@pytest.mark.slow  # tens of seconds: ./test.sh quick leaves it out
 def test_one_epoch_on_the_download_layout(tmp_path: Path) -> None:
     rows = write_dataset(tmp_path / "ham", "download")
     report = train(fast_args(tmp_path / "ham", tmp_path))
@@ -408,6 +409,7 @@ def test_resume_continues_after_an_interruption(trained: Trained, tmp_path: Path
     assert again["history"] == report["history"]
 
 
+@pytest.mark.slow  # tens of seconds: ./test.sh quick leaves it out
 def test_a_run_stopped_while_saving_an_epoch_resumes_from_the_one_before(tmp_path: Path,
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     write_dataset(tmp_path / "ham", "download")
@@ -449,6 +451,7 @@ def test_bfloat16_autocast_defaults_to_where_the_device_computes_it_natively(mon
         assert parse_args(["root", "--device", "cpu", "--no-amp"]).amp is False
 
 
+@pytest.mark.slow  # tens of seconds: ./test.sh quick leaves it out
 def test_recipe_levers_train_and_the_moving_average_is_what_is_saved(tmp_path: Path) -> None:
     write_dataset(tmp_path / "ham", "download")
     report = train(fast_args(tmp_path / "ham", tmp_path, "--rotation", "180", "--loss", "logit-adjusted", "--ema", "0.9",
@@ -463,6 +466,7 @@ def test_recipe_levers_train_and_the_moving_average_is_what_is_saved(tmp_path: P
 
 
 @pytest.mark.parametrize(("select", "saved_epoch"), [("best", 1), ("final", 2)])
+@pytest.mark.slow  # tens of seconds: ./test.sh quick leaves it out
 def test_select_saves_the_best_validated_or_the_last_epoch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                             select: str, saved_epoch: int) -> None:
     write_dataset(tmp_path / "ham", "download")
@@ -531,6 +535,7 @@ def test_a_teacher_with_other_preprocessing_is_a_clear_error(trained: Trained, t
         train(args)
 
 
+@pytest.mark.slow  # tens of seconds: ./test.sh quick leaves it out
 def test_colour_constancy_is_stored_and_served(tmp_path: Path) -> None:
     write_dataset(tmp_path / "ham", "download")
     train(fast_args(tmp_path / "ham", tmp_path, "--colour-constancy", "6"))
@@ -540,6 +545,7 @@ def test_colour_constancy_is_stored_and_served(tmp_path: Path) -> None:
     assert not torch.equal(predictor.preprocess(image), Predictor(predictor.model, "resnet18", (32, 48)).preprocess(image))
 
 
+@pytest.mark.slow  # tens of seconds: ./test.sh quick leaves it out
 def test_ablation_trains_each_lever_once_and_never_reads_the_test_split(tmp_path: Path,
                                                                         capsys: pytest.CaptureFixture[str]) -> None:
     write_dataset(tmp_path / "ham", "download")
@@ -568,6 +574,7 @@ def test_ablation_trains_each_lever_once_and_never_reads_the_test_split(tmp_path
     assert "| current | 0 | 0.123 (0.123-0.123) |" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # tens of seconds: ./test.sh quick leaves it out
 def test_ablation_runs_in_parallel_and_a_failed_run_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     write_dataset(tmp_path / "ham", "download")
     argv = [str(tmp_path / "ham"), "--epochs", "1", "--seeds", "0", "--levers", "current", "cutmix", "--out",
