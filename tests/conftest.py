@@ -27,12 +27,13 @@ from training.data import split_dataset
 ROOT = Path(__file__).resolve().parent.parent
 
 # `./test.sh quick` leaves out what needs the calibrated checkpoints (several minutes to fit) or starts real
-# servers (TorchServe, nginx, Streamlit, a browser): the modules below, any test using these fixtures ("trained":
-# tests/test_training.py's short training run), and the tests marked slow where they stand.
+# servers (TorchServe, nginx, Streamlit, a browser): the modules below (test_explain's fixtures ask for the checkpoints
+# by name, which pytest cannot see), any test using these fixtures ("trained": tests/test_training.py's short training
+# run), and the tests marked slow where they stand.
 SLOW_FIXTURES = {"checkpoints", "predictor", "model_store", "service", "trained"}
-SLOW_MODULES = {"test_deploy", "test_frontend", "test_full_size", "test_integration", "test_kserve", "test_load_faults",
-                "test_overload", "test_proxy", "test_security", "test_limits", "test_budget", "test_gpu",
-                "test_shipped_models"}
+SLOW_MODULES = {"test_budget", "test_deploy", "test_explain", "test_frontend", "test_full_size", "test_gpu",
+                "test_integration", "test_kserve", "test_limits", "test_load_faults", "test_overload", "test_proxy",
+                "test_security", "test_shipped_models"}
 
 
 def pytest_configure(config: pytest.Config) -> None:
