@@ -315,8 +315,8 @@ def print_table(results: list[dict]) -> None:
     for r in results:
         for warning in r.get("warnings", []):
             print(f"{r['file']}: warning: {warning.get('message', warning.get('code'))}")
-        if isinstance(r.get("explanation"), dict) and check_line(r["explanation"]):
-            print(f"{r['file']}: {check_line(r['explanation'])}")
+        if isinstance(r.get("explanation"), dict) and (line := check_line(r["explanation"])):
+            print(f"{r['file']}: {line}")
         if "saved" in r:
             print(f"{r['file']}: explanation saved to {' and '.join(r['saved'])}")
 

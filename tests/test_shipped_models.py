@@ -141,7 +141,7 @@ def calibration_figures(report: dict) -> dict[str, str]:
 
 
 def calibrator_figures(report: dict) -> dict[str, list[str]]:
-    """docs/training-log.md's calibrator comparison: each calibrator's out-of-fold validation figures, by row."""
+    """model_store/training-log.md's calibrator comparison: each calibrator's out-of-fold validation figures, by row."""
     return {name: [figure(m[key]) for key in CALIBRATOR_FIGURES]
             for name, m in calibrators_scored(report["calibration"]).items()}
 
@@ -203,7 +203,7 @@ def test_calibration_tables_quote_the_shipped_reports() -> None:
     assert f"| | {' | '.join(archs)} | target |" in text  # the results table's columns
     for label in calibration_figures(reports[archs[0]]):
         assert labelled_row(text, label)[:len(archs)] == [calibration_figures(reports[a])[label] for a in archs], label
-    text = (ROOT / "docs" / "training-log.md").read_text()
+    text = (ROOT / "model_store" / "training-log.md").read_text()
     candidates = {arch: reports[arch]["calibration"]["out_of_domain"]["selection_set"]["candidates"] for arch in archs}
     for name in candidates[archs[0]]:
         expected = [figure(value) for a in archs for value in (candidates[a][name]["auroc"], candidates[a][name]["flagged"],
