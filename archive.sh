@@ -25,7 +25,8 @@ for arch in resnet18 resnet34; do
   for model in skin skin-explain; do
     config=$MODEL_CONFIG
     [ "$model" = skin-explain ] && config=$EXPLAIN_CONFIG
-    "$ARCHIVER" --force --model-name "$model" --version "$arch" \
+    # The archiver assembles in $TMPDIR/<model name>: in a shared /tmp, two builds at once would collide there.
+    TMPDIR="$stage" "$ARCHIVER" --force --model-name "$model" --version "$arch" \
       --model-file skinlesion/model.py --serialized-file "$weights" \
       --handler serving/skin_handler.py --extra-files "$stage/extra" \
       --config-file "$config" --export-path "$stage/out"

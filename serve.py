@@ -37,19 +37,26 @@ from skinlesion.options import ARCHITECTURE_NAMES
 
 ROOT = Path(__file__).resolve().parent
 MODELS = TORCHSERVE_MODELS
-
-
+# The longest worker socket name TorchServe gives (a 5-digit port), and the most a Unix socket path holds on Linux.
+WORKER_SOCKET = ".ts.sock.65535"
+SOCKET_PATH_BYTES = 107
 
 
 def torchserve_env(run_dir: Path, ports: dict[str, int], bind: str = "127.0.0.1") -> dict[str, str]:
-    """Environment for one TorchServe instance: its own ports, logs and pid file (TorchServe keeps
-    the pid file in the temp folder, so a per-instance TMPDIR lets several run side by side).
-    `bind` is the inference API's address; management and metrics stay on the loopback interface."""
-    tmp = run_dir / "tmp"
+    """Environment for one TorchServe instance: its own ports, logs, pid file and worker sockets, so that several
+    run side by side. TorchServe keeps the pid file in TMPDIR; its frontend takes TEMP as java.io.tmpdir, where it
+    names its workers' sockets (.ts.sock.9000, ...): in a shared /tmp, a worker of one instance starting beside
+    another's would take over the other's socket. `bind` is the inference API's address; management and metrics
+    stay on the loopback interface."""
+    tmp = run_dir.absolute() / "tmp"
+    if len(os.fsencode(tmp / WORKER_SOCKET)) > SOCKET_PATH_BYTES:
+        raise ValueError(f"{run_dir}: too long a path for TorchServe's worker sockets ({tmp / WORKER_SOCKET}, over "
+                         f"{SOCKET_PATH_BYTES} bytes): give a shorter --run-dir")
     tmp.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     env.update(
         TMPDIR=str(tmp),
+        TEMP=str(tmp),
         LOG_LOCATION=str(run_dir / "torchserve"),
         METRICS_LOCATION=str(run_dir / "torchserve"),
         TS_INFERENCE_ADDRESS=f"http://{bind}:{ports['inference']}",
@@ -354,16 +361,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("version", choices=ARCHITECTURE_NAMES)
     p.add_argument("--management-url", default=DEFAULT_MANAGEMENT_URL)
     args = parser.parse_args(argv)
-    if args.command == "start":
-        start(args)
-    elif args.command == "stop":
-        stop(args)
-    elif args.command == "torchserve":
-        run_dir = args.run_dir.resolve()
-        run_dir.mkdir(parents=True, exist_ok=True)
-        sys.exit(run_torchserve(run_dir, args.model_store.resolve(), torchserve_ports(args), args.model, args.bind))
-    else:
-        print(json.dumps(set_default(args.management_url, args.version)))
+    try:
+        if args.command == "start":
+            start(args)
+        elif args.command == "stop":
+            stop(args)
+        elif args.command == "torchserve":
+            run_dir = args.run_dir.resolve()
+            run_dir.mkdir(parents=True, exist_ok=True)
+            sys.exit(run_torchserve(run_dir, args.model_store.resolve(), torchserve_ports(args), args.model, args.bind))
+        else:
+            print(json.dumps(set_default(args.management_url, args.version)))
+    except ValueError as exc:  # a setting that cannot work (torchserve_env)
+        sys.exit(f"serve.py: {exc}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # ./test.sh [pytest arguments]         install the test tools, lint, run the whole suite (CI runs this).
-# ./test.sh quick [pytest arguments]   the same without the tests that need calibrated checkpoints or real servers
-#                                      or train (tests/conftest.py SLOW_MODULES, SLOW_FIXTURES, marked slow): 41 s here.
+# ./test.sh quick [pytest arguments]   the same without the tests that start real servers, train, or explain or score
+#                                      hundreds of photos (tests/conftest.py SLOW_MODULES, SLOW_FIXTURES, marked slow).
 set -euo pipefail
 cd "$(dirname "$0")"
 ./setup.sh --dev

@@ -16,8 +16,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from captum.attr import LayerAttribution, LayerGradCam
-from lime import lime_image
 from PIL import Image
 from skimage.segmentation import mark_boundaries, slic
 from torchvision.transforms.v2 import functional as F
@@ -141,6 +139,10 @@ def explain_lime(predictor: Predictor, image: Image.Image, label: int, precision
         return predictor.probabilities(batch, LIME_BATCH_SIZE, bfloat16=native_bfloat16(predictor.device.type),
                                        calibrated=False).numpy()
 
+    # Imported on first use, as captum below: they take seconds to import, which every worker of the plain-prediction
+    # pool would pay at each start without ever explaining.
+    from lime import lime_image
+
     # The explainer's random_state draws the perturbations; random_seed alone would only seed segmentation.
     explainer = lime_image.LimeImageExplainer(random_state=seed)
     result = explainer.explain_instance(
@@ -174,6 +176,8 @@ def explain_lime(predictor: Predictor, image: Image.Image, label: int, precision
 
 def explain_gradcam(predictor: Predictor, image: Image.Image, label: int) -> Explanation:
     """Grad-CAM for class `label` on the last convolutional block (layer4), upsampled to the input size."""
+    from captum.attr import LayerAttribution, LayerGradCam
+
     check_label(label)
     started = time.perf_counter()
     inputs = predictor.preprocess(image).unsqueeze(0).to(predictor.device)

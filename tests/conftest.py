@@ -1,4 +1,4 @@
-"""Shared fixtures: random-weight checkpoints, built archives, and the real service on free ports."""
+"""Shared fixtures: the shipped checkpoints and their archives, full-size photos, and the real service on free ports."""
 
 from __future__ import annotations
 
@@ -15,25 +15,25 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+import yaml
 from PIL import Image
 
 from serve import build_archives, free_port, free_ports, start_service, stop_service
-from skinlesion.model import ARCHITECTURES, DEFAULT_IMAGE_SIZE, build_model, save_checkpoint
 from skinlesion.predictor import Predictor
-from training.calibrate import calibrate_checkpoint
-from training.data import split_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# `./test.sh quick` leaves out what needs the calibrated checkpoints (several minutes to fit) or starts real
-# servers (TorchServe, nginx, Streamlit, a browser): the modules below (test_explain's fixtures ask for the checkpoints
-# by name, which pytest cannot see), any test using these fixtures ("trained": tests/test_training.py's short training
-# run), and the tests marked slow where they stand.
-SLOW_FIXTURES = {"checkpoints", "predictor", "model_store", "service", "trained"}
+# `./test.sh quick` leaves out what starts real servers (TorchServe, nginx, Streamlit, a browser), explains or
+# scores hundreds of photos: the modules below, any test using these fixtures ("trained": tests/test_training.py's
+# short training run), and the tests marked slow where they stand.
+SLOW_FIXTURES = {"model_store", "service", "trained"}
 SLOW_MODULES = {"test_budget", "test_deploy", "test_explain", "test_frontend", "test_full_size", "test_gpu",
                 "test_integration", "test_kserve", "test_limits", "test_load_faults", "test_overload", "test_proxy",
                 "test_security", "test_shipped_models"}
+
+
+def module_name(item: pytest.Item) -> str:
+    return item.module.__name__.rsplit(".", 1)[-1]
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -42,7 +42,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if item.module.__name__.rsplit(".", 1)[-1] in SLOW_MODULES or SLOW_FIXTURES & set(item.fixturenames):
+        if module_name(item) in SLOW_MODULES or SLOW_FIXTURES & set(item.fixturenames):
             item.add_marker(pytest.mark.slow)
 
 
@@ -93,8 +93,8 @@ def http_stub(answers: list[tuple]) -> Iterator[ThreadingHTTPServer]:
 
 def ramp_image(size: tuple[int, int] = (600, 450)) -> Image.Image:
     """A generated picture no lesion photo resembles, flagged out of domain by the input statistics alone (no second
-    derivative anywhere), so even by the suite's random-weight checkpoints. Random noise is not: shrunk to the
-    model's input it is a faintly grainy grey, which only trained features give away (tests/test_shipped_models.py)."""
+    derivative anywhere), whatever the weights. Random noise is not: shrunk to the model's input it is a faintly
+    grainy grey, which only trained features give away (tests/test_shipped_models.py)."""
     ramp = np.linspace(0.0, 1.0, size[0])[None, :, None] * np.array([40.0, 220.0, 90.0]) + np.array([200.0, 20.0, 120.0])
     return Image.fromarray(np.repeat(np.clip(ramp, 0, 255), size[1], axis=0).astype(np.uint8))
 
@@ -120,22 +120,9 @@ def image_b64(fullres_images: list[Path]) -> str:
 
 
 @pytest.fixture(scope="session")
-def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Random-weight (seeded) checkpoints for every architecture, in the shipped format, each calibrated by
-    `python -m training.calibrate`'s code on a sample of the real lesions (the input-statistics half of the
-    out-of-domain check does not depend on the weights, so generated images are flagged even by a random network).
-    resnet34, the served default, is then refitted as the shipped one is, as weights trained on the test split
-    too: its card carries the test figures of a "held-out run" (its own first fit)."""
-    folder = tmp_path_factory.mktemp("weights")
-    train, val, test = split_dataset(HAM10000, seed=0)
-    reports = {}
-    for i, arch in enumerate(ARCHITECTURES):
-        torch.manual_seed(i)
-        save_checkpoint(build_model(arch), arch, DEFAULT_IMAGE_SIZE, folder / f"{arch}.pt")
-        reports[arch] = calibrate_checkpoint(folder / f"{arch}.pt", train[::40], val[::8], test[::40])
-    held_out_run = {"weights": "none", "arguments": {}, "images": {}, "saved_epoch": 0, **reports["resnet34"]}
-    calibrate_checkpoint(folder / "resnet34.pt", train[::40], val[::8], [], held_out_run=held_out_run)
-    return folder
+def checkpoints() -> Path:
+    """The folder of the shipped checkpoints (<arch>.pt), trained and calibrated as docs/training.md says: read only."""
+    return ROOT / "model_store"
 
 
 @pytest.fixture(scope="session")
@@ -144,10 +131,20 @@ def predictor(checkpoints: Path) -> Predictor:
 
 
 @pytest.fixture(scope="session")
-def model_store(checkpoints: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def model_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The archives of the shipped weights, as `./serve.sh` builds them: what users are served."""
     store = tmp_path_factory.mktemp("model_store")
-    build_archives(store, checkpoints)
+    build_archives(store, ROOT / "model_store")
     return store
+
+
+def settings_copy(name: str, folder: Path, handler: dict | None = None, **settings) -> Path:
+    """serving/<name> (a model's TorchServe settings) copied into `folder` with these settings, and these of its
+    handler, changed."""
+    config = yaml.safe_load((ROOT / "serving" / name).read_text()) | settings
+    config["handler"] |= handler or {}
+    (folder / name).write_text(yaml.safe_dump(config))
+    return folder / name
 
 
 @dataclass
@@ -173,11 +170,12 @@ class Service:
 
 
 @contextmanager
-def own_service(folder: Path, weights_dir: Path, explain_config: Path | None = None) -> Iterator[Service]:
-    """A service of a test module's own: archives of the checkpoints in `weights_dir` built into `folder`, TorchServe
-    and nginx started on free ports with resnet34 as the default, stopped on exit."""
+def own_service(folder: Path, weights_dir: Path, model_config: Path | None = None,
+                explain_config: Path | None = None) -> Iterator[Service]:
+    """A service of a test module's own: archives of the checkpoints in `weights_dir` built into `folder` with these
+    TorchServe settings, TorchServe and nginx started on free ports with resnet34 as the default, stopped on exit."""
     store = folder / "model_store"
-    build_archives(store, weights_dir, explain_config=explain_config)
+    build_archives(store, weights_dir, model_config, explain_config)
     run_dir = folder / "run"
     run_dir.mkdir()
     ports = free_ports()
@@ -191,7 +189,7 @@ def own_service(folder: Path, weights_dir: Path, explain_config: Path | None = N
 
 @pytest.fixture(scope="session")
 def service(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Service:
-    """Real TorchServe (both versions, random weights) behind real nginx, on free loopback ports."""
+    """Real TorchServe (both versions of the shipped weights) behind real nginx, on free loopback ports."""
     run_dir = tmp_path_factory.mktemp("run")
     torchserve = free_ports()
     ports = {"port": free_port(tuple(torchserve.values())), **{f"{name}-port": port for name, port in torchserve.items()}}

@@ -9,6 +9,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,12 +25,16 @@ from serving.admission import (
 
 
 @pytest.fixture
-def ledger(tmp_path: Path) -> Ledger:
+def ledger(tmp_path: Path) -> Iterator[Ledger]:
+    """Two workers of the default pool (this process and init, both alive) and one of another version's pool."""
     ledger = Ledger(tmp_path / "ledger.sqlite")
     ledger.register_worker(deadline=10.0)
     ledger.register_worker(deadline=10.0, pid=1)
-    ledger.register_worker(deadline=10.0, pool="other version", pid=os.getppid())  # init: always alive, so two workers
-    return ledger
+    other_version = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    ledger.register_worker(deadline=10.0, pool="other version", pid=other_version.pid)
+    yield ledger
+    other_version.kill()
+    other_version.wait()
 
 
 def admitted(ledger: Ledger) -> set[str]:

@@ -27,7 +27,9 @@ import sys
 import threading
 import time
 import urllib.request
+import zipfile
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,13 +41,16 @@ import yaml
 import serve
 from serving.proxy import render_nginx_conf
 from skinlesion.model import ARCHITECTURES
-from tests.conftest import ROOT
+from tests.conftest import ROOT, settings_copy
 
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 SCHEMA = ROOT / "tests" / "data" / "compose-spec.json"
 # What the nginx image defines besides the service's environment: envsubst replaces these names too.
 NGINX_IMAGE_ENV = ("PATH", "HOSTNAME", "HOME", "NGINX_VERSION", "NJS_VERSION", "NJS_RELEASE", "PKG_RELEASE", "DYNPKG_RELEASE")
-STARTUP_SECONDS = 300  # two TorchServe instances loading four workers each on a busy two-core machine
+STARTUP_SECONDS = 300  # two TorchServe instances loading their workers on a busy two-core machine
+# Workers per model version in each scaled-out instance: what is under test is nginx over two instances, and one
+# worker each (4 an instance, not 8) halves their start on two cores.
+INSTANCE_WORKERS = 1
 LOAD_THREADS = 3
 LOAD_SECONDS = 8  # before the stop, and again after it
 
@@ -213,11 +218,15 @@ def taken(instances: list[Instance]) -> tuple[int, ...]:
 
 
 @pytest.fixture(scope="module")
-def scaled_out(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ScaledOut]:
+def scaled_out(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ScaledOut]:
     """Two TorchServe instances, each started with the compose torchserve service's command and MODEL=resnet18,
     behind one nginx rendered from serving/nginx.conf with both as upstream servers."""
     command = local_command(load_compose()["services"]["torchserve"]["command"])
     root = tmp_path_factory.mktemp("scaleout")
+    model_store = root / "model_store"
+    workers = {"minWorkers": INSTANCE_WORKERS, "maxWorkers": INSTANCE_WORKERS}
+    serve.build_archives(model_store, model_config=settings_copy("model-config.yaml", root, **workers),
+                         explain_config=settings_copy("explain-config.yaml", root, **workers))
     instances: list[Instance] = []
     try:
         for i in range(2):
@@ -278,6 +287,35 @@ def post_load(url: str, bodies: list[bytes], first: int, until: threading.Event,
             answers.append(Answer(sent, response.status_code, response.text))
 
 
+def test_instances_started_side_by_side_keep_their_worker_sockets_apart(scaled_out: ScaledOut) -> None:
+    """Started at once on one host, each instance's workers listen in its own run folder: in a shared /tmp, one
+    instance's worker could take over the other's socket of the same name before its frontend connected."""
+    sockets = [{path.name for path in (instance.run_dir / "tmp").glob(".ts.sock.*")} for instance in scaled_out.instances]
+    assert all(sockets) and sockets[0] == sockets[1], sockets  # the same names, each in its own folder
+    for instance in scaled_out.instances:
+        model_log = (instance.run_dir / "torchserve" / "model_log.log").read_text()
+        assert f"Listening on port: {instance.run_dir / 'tmp' / '.ts.sock.'}" in model_log
+
+
+def test_archives_built_at_once_on_one_host_are_both_whole(tmp_path: Path) -> None:
+    stores = [tmp_path / "one", tmp_path / "two"]
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(serve.build_archives, stores))
+    expected = {f"{model}-{arch}.mar" for model in serve.MODELS for arch in ARCHITECTURES}
+    for store in stores:
+        assert {path.name for path in store.iterdir()} == expected
+        for archive in store.iterdir():
+            with zipfile.ZipFile(archive) as files:
+                assert files.testzip() is None and "serving/skin_handler.py" in files.namelist()
+
+
+def test_a_run_folder_too_deep_for_the_worker_sockets_is_a_clear_error(tmp_path: Path) -> None:
+    deep = tmp_path / ("x" * 100)
+    run = subprocess.run([sys.executable, str(ROOT / "serve.py"), "torchserve", "--run-dir", str(deep)],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 1 and "give a shorter --run-dir" in run.stderr and "Traceback" not in run.stderr
+
+
 def test_an_explanation_refused_by_one_instance_neither_ejects_it_nor_is_replayed(scaled_out: ScaledOut,
                                                                                   image_b64: str) -> None:
     refusing, other = scaled_out.instances
@@ -296,7 +334,8 @@ def test_an_explanation_refused_by_one_instance_neither_ejects_it_nor_is_replaye
             assert requests.post(f"{scaled_out.url}/predict", json={"image": image_b64}, timeout=60).status_code == 200
         assert refusing.inference_requests() > served, "the instance was ejected from plain predictions"
     finally:
-        requests.put(f"{management}?min_worker=2&max_worker=2&synchronous=true", timeout=300)
+        requests.put(f"{management}?min_worker={INSTANCE_WORKERS}&max_worker={INSTANCE_WORKERS}&synchronous=true",
+                     timeout=300)
 
 
 def test_stopping_one_instance_under_load_loses_no_answer(scaled_out: ScaledOut, fullres_images: list[Path]) -> None:

@@ -12,10 +12,9 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import pytest
 from PIL import Image
 
-from tests.conftest import HAM10000, ROOT, own_service
+from tests.conftest import HAM10000
 from training.data import read_samples
 from training.sources import ORIGINAL_QUALITY_BYTES
 
@@ -24,12 +23,6 @@ from training.sources import ORIGINAL_QUALITY_BYTES
 # tests/test_shipped_models.py). Their domain scores differ from their copies' by at most 0.19.
 ORIGINALS_FLAGGED_AT_MOST = 4
 SCORE_CHANGE_AT_MOST = 0.3
-
-
-@pytest.fixture(scope="module")
-def shipped_url(tmp_path_factory: pytest.TempPathFactory) -> str:
-    with own_service(tmp_path_factory.mktemp("shipped"), ROOT / "model_store") as service:
-        yield service.predict_url
 
 
 def predict(url: str, data: bytes) -> dict:
@@ -45,15 +38,14 @@ def upscaled(path: Path, size: tuple[int, int] = (1200, 900)) -> bytes:
     return data.getvalue()
 
 
-def test_original_quality_photos_are_answered_as_lesions_at_their_size_and_upscaled(shipped_url: str,
-                                                                                     fullres_images) -> None:
+def test_original_quality_photos_are_answered_as_lesions_at_their_size_and_upscaled(service, fullres_images) -> None:
     originals = [path for path in fullres_images if path.stat().st_size > ORIGINAL_QUALITY_BYTES]
     copies = {s.image_id: s.path for s in read_samples(HAM10000)}
     assert len(originals) == 70
     with ThreadPoolExecutor(4) as pool:
-        given = list(pool.map(lambda path: predict(shipped_url, path.read_bytes()), originals))
-        small = list(pool.map(lambda path: predict(shipped_url, copies[path.stem].read_bytes()), originals))
-        larger = list(pool.map(lambda path: predict(shipped_url, upscaled(path)), originals[::7]))
+        given = list(pool.map(lambda path: predict(service.predict_url, path.read_bytes()), originals))
+        small = list(pool.map(lambda path: predict(service.predict_url, copies[path.stem].read_bytes()), originals))
+        larger = list(pool.map(lambda path: predict(service.predict_url, upscaled(path)), originals[::7]))
     assert all(answer["success"] and answer["model"] == "resnet34" for answer in given + small + larger)
     flagged = [path.name for path, answer in zip(originals, given, strict=True) if not answer["in_domain"]]
     assert len(flagged) <= ORIGINALS_FLAGGED_AT_MOST, flagged

@@ -7,7 +7,6 @@ skipped elsewhere; the device choice and the served workers' device are checked 
 from __future__ import annotations
 
 import base64
-from pathlib import Path
 
 import pytest
 import requests
@@ -17,8 +16,9 @@ import yaml
 from serving.skin_handler import worker_device
 from skinlesion.image import decode_image
 from skinlesion.predictor import Predictor
+from tests.conftest import ROOT
 
-HANDLER = Path(__file__).resolve().parent.parent / "serving"
+HANDLER = ROOT / "serving"
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this host")
 # cuDNN convolutions use TF32 by default: probabilities agree to about 1e-3, not to float32's 1e-6.
 CUDA_ATOL = 1e-2
@@ -63,10 +63,10 @@ def test_served_workers_report_the_device_torchserve_gave_them(service) -> None:
 
 
 @needs_cuda
-def test_served_cuda_answers_match_the_cpu(service, checkpoints, fullres_images) -> None:
+def test_served_cuda_answers_match_the_cpu(service, fullres_images) -> None:
     photo = fullres_images[0].read_bytes()
     answer = requests.post(service.predict_url, json={"image": base64.b64encode(photo).decode()}, timeout=60).json()
-    expected = Predictor.from_checkpoint(checkpoints / "resnet34.pt").predict([decode_image(photo)])[0]
+    expected = Predictor.from_checkpoint(ROOT / "model_store" / "resnet34.pt").predict([decode_image(photo)])[0]
     assert answer["success"] and answer["model"] == "resnet34"
     for name, p in expected["probabilities"].items():
         assert answer["probabilities"][name] == pytest.approx(p, abs=CUDA_ATOL)

@@ -177,23 +177,6 @@ def test_switching_the_default_version_changes_the_model(service, image_b64) -> 
     assert post(service, {"image": image_b64}).json()["model"] == "resnet34"
 
 
-def test_torchserve_down_gets_a_fast_envelope_and_comes_back(service, image_b64) -> None:
-    serve.stop_torchserve(service.run_dir)
-    try:
-        started = time.monotonic()
-        response = post(service, {"image": image_b64}, timeout=30)
-        # Refused connections fail at once; the bound leaves room for a loaded CI machine.
-        assert time.monotonic() - started < 5
-        assert response.status_code == 503
-        assert response.json() == {"success": False, "error": response.json()["error"]}
-        assert "unavailable" in response.json()["error"]
-        health = requests.get(f"{service.url}/health", timeout=10)
-        assert health.status_code == 503 and health.json()["success"] is False
-    finally:
-        service.start()
-    assert post(service, {"image": image_b64}).json()["success"] is True
-
-
 @pytest.mark.parametrize(("method", "explain_class"), [("lime", None), ("gradcam", None), ("gradient", "Melanoma")])
 def test_explain_at_low_returns_both_fields(service, image_b64, method: str, explain_class: str | None) -> None:
     body = {"image": image_b64, "explain": True, "precision": "Low", "method": method}

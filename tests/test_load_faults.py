@@ -1,4 +1,4 @@
-"""Sustained load and crashed workers, through real nginx and TorchServe (random weights).
+"""Sustained load and crashed workers, through real nginx and TorchServe.
 
 Bounded versions of bench/load.py: 16 concurrent clients for a fixed number of requests, a worker
 SIGKILLed under load, and a client.py batch that must survive a worker kill. Each test waits until the

@@ -14,15 +14,14 @@ import math
 import re
 import time
 import urllib.parse
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
-import yaml
 
 from bench.load import client_address
 from serving.admission import LEDGER_NAME, Ledger
-from tests.conftest import ROOT, Service, own_service
+from tests.conftest import ROOT, Service, own_service, settings_copy
 
 DEADLINE_SECONDS = 24
 # At least this many explanations at once, and at least twice what the explaining workers can finish by the
@@ -34,12 +33,12 @@ WARMUP_ROUNDS = 3
 
 
 @pytest.fixture(scope="module")
-def short_deadline_service(checkpoints: Path, tmp_path_factory: pytest.TempPathFactory) -> Service:
+def short_deadline_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     folder = tmp_path_factory.mktemp("overload")
-    config = yaml.safe_load((ROOT / "serving" / "explain-config.yaml").read_text())
-    config["handler"]["deadline_seconds"] = DEADLINE_SECONDS
-    (folder / "explain-config.yaml").write_text(yaml.safe_dump(config))
-    with own_service(folder, checkpoints, folder / "explain-config.yaml") as service:
+    # Plain predictions are not under test here: one worker a version for them starts sooner.
+    model_config = settings_copy("model-config.yaml", folder, minWorkers=1, maxWorkers=1)
+    explain_config = settings_copy("explain-config.yaml", folder, handler={"deadline_seconds": DEADLINE_SECONDS})
+    with own_service(folder, ROOT / "model_store", model_config, explain_config) as service:
         yield service
 
 

@@ -1,7 +1,7 @@
 """The real nginx configuration in front of stub TorchServes that record every pass they get: where an explanation's
-passes go (admission after the client's rate, every pass on one instance), that a busy instance is not ejected,
-and what a slow or numerous upload holds. Each test uses its own loopback source addresses (127.0.x.y), as nginx
-keys its limits on the client address."""
+passes go (admission after the client's rate, every pass on one instance), what a stopped TorchServe's clients
+get, that a busy instance is not ejected, and what a slow or numerous upload holds. Each test uses its own loopback
+source addresses (127.0.x.y), as nginx keys its limits on the client address."""
 
 from __future__ import annotations
 
@@ -69,8 +69,8 @@ class RecordingHandler(BaseHTTPRequestHandler):
 
 
 @contextmanager
-def recording_stub(recorder: Recorder) -> Iterator[int]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), RecordingHandler)
+def recording_stub(recorder: Recorder, port: int = 0) -> Iterator[int]:
+    server = ThreadingHTTPServer(("127.0.0.1", port), RecordingHandler)
     server.recorder = recorder
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
@@ -178,6 +178,38 @@ def test_every_pass_of_a_request_reaches_the_instance_that_admitted_it(tmp_path:
             where.setdefault(p.headers["x-request-id"], set()).add(n)
     assert len(where) == 48 and all(len(instances) == 1 for instances in where.values()), where
     assert all(len(instance.passes) >= 3 for instance in instances)  # both served: spread by request id
+
+
+def answer(port: int, source: str, path: str, body: dict | None = None) -> tuple[int, dict]:
+    """(status, JSON body) of a POST of `body`, or a GET where None."""
+    with connect(port, source) as sock:
+        if body is None:
+            sock.sendall(f"GET {path} HTTP/1.1\r\nHost: skin\r\nConnection: close\r\n\r\n".encode())
+        else:
+            sock.sendall(request(json.dumps(body).encode(), path=path))
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, payload = data.split(b"\r\n\r\n", 1)
+    return int(head.split()[1]), json.loads(payload)
+
+
+def test_torchserve_down_gets_a_fast_envelope_and_is_served_again_once_it_is_back(tmp_path: Path) -> None:
+    port = serve.free_port()
+    torchserve = serve.free_port((port,))  # nothing listens there yet: TorchServe stopped or restarting
+    serve.start_nginx(tmp_path, f"127.0.0.1:{port}", [f"127.0.0.1:{torchserve}"])
+    try:
+        started = time.monotonic()
+        status, body = answer(port, "127.0.5.1", "/predict", {"image": "AAAA"})
+        # Refused connections fail at once; the bound leaves room for a loaded CI machine.
+        assert time.monotonic() - started < 5
+        assert status == 503 and body == {"success": False, "error": body["error"]} and "unavailable" in body["error"]
+        status, body = answer(port, "127.0.5.1", "/health")
+        assert status == 503 and body["success"] is False
+        with recording_stub(Recorder(), torchserve):
+            assert answer(port, "127.0.5.1", "/predict", {"image": "AAAA"}) == (200, {"success": True})
+    finally:
+        serve.stop_nginx(tmp_path)
 
 
 def test_a_busy_instance_is_not_ejected(tmp_path: Path) -> None:

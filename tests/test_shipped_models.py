@@ -3,7 +3,9 @@ calibration their report describes, and MODEL_CARD.md is generated from those re
 
 from __future__ import annotations
 
+import functools
 import json
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -13,12 +15,12 @@ from PIL import Image
 from skinlesion.image import decode_image
 from skinlesion.model import ARCHITECTURES, DEFAULT_IMAGE_SIZE
 from skinlesion.options import COVERAGE_LEVELS, DEFAULT_COVERAGE
-from skinlesion.predictor import Predictor
+from skinlesion.predictor import Outputs, Predictor
 from tests.conftest import HAM10000, ROOT
 from training.calibrate import image_outputs
 from training.compare_calibrators import CALIBRATOR_FIGURES, calibrators_scored, shipped_resplit
 from training.data import read_samples, split_dataset
-from training.evaluate import compute_metrics, predict_samples
+from training.evaluate import compute_metrics
 from training.model_card import malignant_share, mean_malignant_probability, read_reports, render, scored_report
 from training.ood import out_of_domain_set
 from training.sources import SOURCES, answers
@@ -28,20 +30,34 @@ def report_of(arch: str) -> dict:
     return json.loads((ROOT / "model_store" / f"{arch}.json").read_text())
 
 
-def unseen_samples(arch: str) -> list:
-    """About 500 images of lesions the shipped weights never trained on: every third test image or, for weights
-    trained on the test split too, every other validation image."""
+@dataclass
+class Unseen:
+    """About 500 lesion images the shipped weights never trained on (every third test image or, for weights
+    trained on the test split too, every other validation image), decoded, their labels, and the network's outputs
+    on them as served."""
+
+    predictor: Predictor
+    images: list[Image.Image]
+    labels: torch.Tensor
+    outputs: Outputs
+
+
+@functools.cache
+def unseen(arch: str) -> Unseen:
     arguments = report_of(arch)["arguments"]
     _, val, test = split_dataset(HAM10000, arguments["split_seed"])
-    return val[::2] if arguments.get("train_on_test") else test[::3]
+    samples = val[::2] if arguments.get("train_on_test") else test[::3]
+    predictor = Predictor.from_checkpoint(ROOT / "model_store" / f"{arch}.pt")
+    images = [decode_image(s.path.read_bytes()) for s in samples]
+    return Unseen(predictor, images, torch.tensor([s.label for s in samples]), image_outputs(predictor, images))
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
 def test_shipped_weights_beat_the_majority_baseline_on_held_out_lesions(arch: str) -> None:
-    predictor = Predictor.from_checkpoint(ROOT / "model_store" / f"{arch}.pt")
-    samples = unseen_samples(arch)
+    lesions = unseen(arch)
+    predictor = lesions.predictor
     assert predictor.arch == arch and predictor.image_size == DEFAULT_IMAGE_SIZE
-    metrics = compute_metrics(np.array([s.label for s in samples]), predict_samples(predictor, samples))
+    metrics = compute_metrics(lesions.labels.numpy(), predictor.calibrated(lesions.outputs.logits).numpy())
     # Majority class (nv) gives about 0.67 accuracy and 0.14 balanced accuracy on this split.
     assert metrics["accuracy"] > 0.72
     assert metrics["balanced_accuracy"] > 0.45
@@ -61,17 +77,14 @@ def test_shipped_weights_carry_the_calibration_of_their_report(arch: str) -> Non
 
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
 def test_shipped_models_flag_non_lesions_and_pass_most_unseen_lesions(arch: str) -> None:
-    predictor = Predictor.from_checkpoint(ROOT / "model_store" / f"{arch}.pt")
-    samples = unseen_samples(arch)
-    lesions = [decode_image(s.path.read_bytes()) for s in samples]
+    lesions = unseen(arch)
+    predictor, real, labels = lesions.predictor, lesions.outputs, lesions.labels
     # A draw of the out-of-domain set that neither chose nor reported the method (seeds 0 and 1 did).
-    images = [image for _, image in out_of_domain_set(lesions[:20], seed=2)]
-    ood, real = image_outputs(predictor, images), image_outputs(predictor, lesions)
+    ood = image_outputs(predictor, [image for _, image in out_of_domain_set(lesions.images[:20], seed=2)])
     threshold = predictor.calibration.domain_threshold
     assert float((predictor.domain_scores(ood) > threshold).float().mean()) >= 0.9
     assert float((predictor.domain_scores(real) > threshold).float().mean()) <= 0.08
     # Calibrated probabilities fit these lesions better than the raw softmax.
-    labels = torch.tensor([s.label for s in samples])
     raw = torch.nn.functional.cross_entropy(real.logits, labels)
     assert torch.nn.functional.nll_loss(predictor.calibrated(real.logits).log(), labels) < raw
 

@@ -26,12 +26,13 @@ from torchvision.transforms import v2
 from skinlesion.image import decode_image
 from skinlesion.model import CLASS_CODES, CLASS_NAMES
 from skinlesion.predictor import Predictor
+from tests.conftest import ROOT
 from training import train as training_main
 from training.ablation import format_table
 from training.ablation import main as ablation_main
 from training.calibrate import calibrate_checkpoint
 from training.calibrate import main as calibrate_main
-from training.compare_calibrators import CALIBRATORS, SHIPPED_CALIBRATOR
+from training.compare_calibrators import CALIBRATORS, SHIPPED_CALIBRATOR, shipped_resplit
 from training.data import TEST_FOLDER, TRAIN_FOLDER, grouped_split, read_samples, split_dataset
 from training.evaluate import (
     calibration_error_floor,
@@ -49,8 +50,12 @@ COLUMNS = ("lesion_id", "image_id", "dx", "dx_type", "age", "sex", "localization
 IMAGES_PER_LESION = (2, 1, 3, 1, 2)  # five lesions per class, 9 images per class, 63 in all
 LAYOUTS = ("original", "download")
 DOWNLOAD_FOLDERS = ("HAM10000_images_part_1", "HAM10000_images_part_2", "HAM10000_images_part_2/more")
+# The calibrators compared over 10 resplits and 1 out-of-fold deal (a real run: 200 and 20; what ships is fitted
+# the same): report figures no test reads closely, at a twentieth of the fitting time.
+BRIEF_COMPARISON_DRAWS = (10, 1)
+BRIEF_COMPARISON = ["--comparison-draws", *map(str, BRIEF_COMPARISON_DRAWS)]
 FAST = ["--type", "resnet18", "--image-size", "32", "48", "--batch-size", "8", "--workers", "0", "--no-amp",
-        "--device", "cpu", "--seed", "0"]
+        "--device", "cpu", "--seed", "0", *BRIEF_COMPARISON]
 
 
 # Tiny data sets make scikit-learn note what it would warn about on real ones; nothing here depends on it.
@@ -255,7 +260,7 @@ def test_calibrate_cli_refits_a_checkpoint_and_updates_its_report(trained: Train
     weights, report = tmp_path / "copy.pt", tmp_path / "copy.json"
     shutil.copy(trained.weights, weights)
     shutil.copy(trained.weights.with_suffix(".json"), report)
-    assert calibrate_main([str(trained.root), "--type", "resnet18", "--weights", str(weights)]) == 0
+    assert calibrate_main([str(trained.root), "--type", "resnet18", "--weights", str(weights), *BRIEF_COMPARISON]) == 0
     printed = capsys.readouterr().out
     assert "temperatures by predicted class" in printed and "out-of-domain set" in printed and f"wrote {report}" in printed
     saved = json.loads(report.read_text())
@@ -264,6 +269,9 @@ def test_calibrate_cli_refits_a_checkpoint_and_updates_its_report(trained: Train
     assert saved["history"] == trained.report["history"]  # the rest of the training report is kept
     assert set(saved["calibration"]["out_of_domain"]["selection_set"]["candidates"]) >= {"energy", "max logit"}
     out_of_fold = saved["calibration"]["validation_out_of_fold"]
+    resplits, deals = BRIEF_COMPARISON_DRAWS
+    assert out_of_fold["deals"] == deals and shipped_resplit(saved["calibration"])["draws"] == resplits
+    assert f"{deals} deals)" in printed and f"test ECE over {resplits} lesion-grouped resplits" in printed
     assert 0 <= out_of_fold["ece"] <= 1 and out_of_fold["ece_if_calibrated"]["mean"] <= out_of_fold["ece_if_calibrated"]["p95"]
     assert set(saved["calibration"]["validation_out_of_fold_alternatives"]) == set(list(CALIBRATORS)[1:])
     assert "out of fold" in printed and "perfectly calibrated" in printed
@@ -284,7 +292,7 @@ def test_weights_trained_on_the_test_split_carry_the_test_figures_of_the_run_tha
     assert not Path(f"{args.modelname.with_suffix('')}_confusion.png").exists()
 
     held_out = trained.weights.with_suffix(".json")
-    weights = ["--type", "resnet18", "--weights", str(args.modelname)]
+    weights = ["--type", "resnet18", "--weights", str(args.modelname), *BRIEF_COMPARISON]
     assert calibrate_main([str(trained.root), *weights, "--held-out", str(held_out)]) == 0
     printed = capsys.readouterr().out
     assert "test ECE" not in printed and "no test figures" in printed
@@ -584,7 +592,7 @@ def test_ablation_runs_in_parallel_and_a_failed_run_is_an_error(tmp_path: Path, 
     assert rows[1:] == ["| current", "| cutmix"]
     assert json.loads((tmp_path / "ablation" / "cutmix-resnet18-e1-s0.json").read_text())["arguments"]["cutmix"] == 1.0
     with pytest.raises(subprocess.CalledProcessError):
-        ablation_main([*argv, "--seeds", "1", "--training-flags", " ".join([*FAST[2:], "--no-such-flag"])])
+        ablation_main([*argv, "--seeds", "1", "--levers", "current", "--training-flags", " ".join([*FAST[2:], "--no-such-flag"])])
 
 
 def test_ablation_table_pairs_each_lever_with_the_current_recipe_on_the_same_seeds() -> None:
@@ -725,9 +733,9 @@ def test_evaluate_cli_on_the_test_split_reproduces_the_training_report(trained: 
     assert metrics["balanced_accuracy"] == pytest.approx(trained.report["test"]["balanced_accuracy"])
 
 
-def test_evaluate_cli_averages_an_ensemble_of_checkpoints(trained: Trained, checkpoints: Path, tmp_path: Path) -> None:
+def test_evaluate_cli_averages_an_ensemble_of_checkpoints(trained: Trained, tmp_path: Path) -> None:
     out = tmp_path / "ensemble.json"
-    member = checkpoints / "resnet34.pt"
+    member = ROOT / "model_store" / "resnet34.pt"  # another architecture, input size and preprocessing
     code = evaluate_main([str(trained.root), "--split", "test", "--type", "resnet18", "--weights", str(trained.weights),
                           "--ensemble", str(member), "--json", str(out)])
     assert code == 0

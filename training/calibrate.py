@@ -35,7 +35,14 @@ from skinlesion.calibration import Calibration, input_statistics, is_malignant, 
 from skinlesion.image import TTA_VIEWS, decode_image
 from skinlesion.model import ARCHITECTURES, CLASS_CODES, add_to_checkpoint, load_checkpoint
 from skinlesion.predictor import Outputs, Predictor, native_bfloat16
-from training.compare_calibrators import compare_out_of_fold, compare_resplits, nll
+from training.compare_calibrators import (
+    OUT_OF_FOLD_DEALS,
+    RESPLITS,
+    add_comparison_argument,
+    compare_out_of_fold,
+    compare_resplits,
+    nll,
+)
 from training.conformal import choose_sets, sets_on_test
 from training.data import Sample, read_samples, split_dataset
 from training.evaluate import compute_metrics, reliability_bins, to_json
@@ -160,14 +167,16 @@ def compare_domain_scores(predictor: Predictor, outputs: Callable[[list[Image.Im
 
 def calibrate_checkpoint(weights: Path, train: list[Sample], val: list[Sample], test: list[Sample],
                          views: str = INFERENCE_VIEWS, bfloat16: bool = INFERENCE_BFLOAT16,
-                         held_out_run: ScoredRun | None = None, photos: list[Image.Image] | None = None) -> CalibrationResult:
+                         held_out_run: ScoredRun | None = None, photos: list[Image.Image] | None = None,
+                         comparison: tuple[int, int] = (RESPLITS, OUT_OF_FOLD_DEALS)) -> CalibrationResult:
     """Fit the calibration of `weights` for running it with these test-time views and trunk dtype, store it
     (and the card's metrics) in the checkpoint; returns the report: {"calibration": what was fitted and how it
     does, "test": compute_metrics with calibrated probabilities} or, in its place, "held_out_run".
 
     For weights trained on the test split too (`test` empty), `held_out_run` is the calibrated report of the same
     recipe's run that held the test split out: the report then carries it under "held_out_run", in place of test
-    figures these weights cannot have, and so does the checkpoint's card (marked so)."""
+    figures these weights cannot have, and so does the checkpoint's card (marked so). `comparison`: the (resplits,
+    deals) the calibrators are compared over (add_comparison_argument)."""
     if bool(test) == (held_out_run is not None):
         raise ValueError("calibrating needs exactly one of a test split to score and the report of a run that held it out")
     # Without an earlier fit: its outputs are raw, and a fit by an earlier version need not load.
@@ -184,7 +193,8 @@ def calibrate_checkpoint(weights: Path, train: list[Sample], val: list[Sample], 
     val_lesions = [s.lesion_id for s in val]
     sets, sets_report = choose_sets(calibration.probabilities(splits["val"].logits), splits["val"].labels, val_lesions)
     calibration = dataclasses.replace(calibration, sets=sets)
-    shipped_out_of_fold, alternatives = compare_out_of_fold(splits["val"].logits, splits["val"].labels, val_lesions)
+    resplits, deals = comparison
+    shipped_out_of_fold, alternatives = compare_out_of_fold(splits["val"].logits, splits["val"].labels, val_lesions, deals)
     selection = compare_domain_scores(predictor, outputs, splits, train_images, val_images, photos)
     del train_images
     val_scores = calibration.domain_score(splits["val"].statistics, splits["val"].features)
@@ -207,7 +217,7 @@ def calibrate_checkpoint(weights: Path, train: list[Sample], val: list[Sample], 
         "prediction_sets": sets_report,
     }
     if held_out_run is None:
-        metrics = score_test_split(outputs, test, calibration, report, splits["val"], val_lesions)
+        metrics = score_test_split(outputs, test, calibration, report, splits["val"], val_lesions, resplits)
         result = tested = {"calibration": report, "test": metrics}
     else:
         tested = {key: held_out_run[key] for key in HELD_OUT_KEYS}
@@ -218,7 +228,7 @@ def calibrate_checkpoint(weights: Path, train: list[Sample], val: list[Sample], 
 
 
 def score_test_split(outputs: Callable[[list[Image.Image]], Outputs], test: list[Sample], calibration: Calibration,
-                     report: CalibrationReport, val: FitData, val_lesions: list[str]) -> SplitMetrics:
+                     report: CalibrationReport, val: FitData, val_lesions: list[str], resplits: int = RESPLITS) -> SplitMetrics:
     """Calibrated test metrics; the test figures of the calibration (before and after, the spread of the ECE over
     resplits of the validation and test lesions, the alert, the out-of-domain check against the seed-1 set of
     damaged test lesions) are added to `report`."""
@@ -242,7 +252,7 @@ def score_test_split(outputs: Callable[[list[Image.Image]], Outputs], test: list
                             "mean_confidence": float(after.max(1).values.mean()),
                             "ece_resplits": compare_resplits(
                                 torch.cat([val.logits, test_data.logits]), torch.cat([val.labels, test_data.labels]),
-                                val_lesions + [s.lesion_id for s in test], len(set(val_lesions)))}
+                                val_lesions + [s.lesion_id for s in test], len(set(val_lesions)), resplits)}
     report["malignancy"].update(zip(("test_sensitivity", "test_specificity"),
                                     alert_rates(after, test_data.labels, calibration), strict=True))
     report["malignancy"]["test_auc"] = metrics["malignant_auc"]
@@ -292,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--photos", type=Path, default=None,
                         help="a folder of full-size HAM10000 photos with metadata.csv (../shared/data/ham10000-fullres) "
                         "to re-check the candidate out-of-domain scores on, as given and upscaled")
+    add_comparison_argument(parser)
     args = parser.parse_args(argv)
     weights = args.weights or Path("model_store") / f"{args.type}.pt"
     report_path = args.json or weights.with_suffix(".json")
@@ -307,7 +318,8 @@ def main(argv: list[str] | None = None) -> int:
                              "calibrate that run again first (python -m training.calibrate ... --weights <its weights>)")
         train, val, test = split_dataset(args.root, args.seed, train_on_test=held_out_run is not None)
         photos = decode_samples(read_samples(args.photos)) if args.photos else None
-        result = calibrate_checkpoint(weights, train, val, test, args.views, args.bfloat16, held_out_run, photos)
+        result = calibrate_checkpoint(weights, train, val, test, args.views, args.bfloat16, held_out_run, photos,
+                                      args.comparison)
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -6,6 +6,7 @@ what it was chosen over.
 
 from __future__ import annotations
 
+import argparse
 import functools
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TypedDict
@@ -203,16 +204,27 @@ def shipped_resplit(report: CalibrationReport) -> Resplit:
     return report["test_after"]["ece_resplits"][SHIPPED_CALIBRATOR]
 
 
-def compare_out_of_fold(logits: torch.Tensor, labels: torch.Tensor, lesions: list[str]) -> tuple[OutOfFold, dict[str, OutOfFold]]:
+def compare_out_of_fold(logits: torch.Tensor, labels: torch.Tensor, lesions: list[str],
+                        deals: int = OUT_OF_FOLD_DEALS) -> tuple[OutOfFold, dict[str, OutOfFold]]:
     """Every calibrator scored out of fold on these (validation) images: the shipped one's figures, and the others'
     by name (a calibration report's validation_out_of_fold and validation_out_of_fold_alternatives)."""
-    scored = {name: out_of_fold_calibration(logits, labels, lesions, fit=fit) for name, fit in CALIBRATORS.items()}
+    scored = {name: out_of_fold_calibration(logits, labels, lesions, fit=fit, deals=deals)
+              for name, fit in CALIBRATORS.items()}
     return scored.pop(SHIPPED_CALIBRATOR), scored
 
 
 def compare_resplits(logits: torch.Tensor, labels: torch.Tensor, lesions: list[str],
-                     calibration_lesions: int) -> dict[str, Resplit]:
+                     calibration_lesions: int, draws: int = RESPLITS) -> dict[str, Resplit]:
     """resplit_calibration_error of every calibrator, by name."""
-    return {name: resplit_calibration_error(logits, labels, lesions, calibration_lesions, fit=fit)
+    return {name: resplit_calibration_error(logits, labels, lesions, calibration_lesions, fit=fit, draws=draws)
             for name, fit in CALIBRATORS.items()}
+
+
+def add_comparison_argument(parser: argparse.ArgumentParser) -> None:
+    """The option of the training and calibration commands that sizes the comparison of calibrators (report only:
+    what ships is fitted the same either way), as `args.comparison` = (resplits, deals)."""
+    parser.add_argument("--comparison-draws", dest="comparison", type=int, nargs=2, default=(RESPLITS, OUT_OF_FOLD_DEALS),
+                        metavar=("RESPLITS", "DEALS"),
+                        help="lesion-grouped resplits behind the test ECE's spread and out-of-fold deals behind the "
+                        "validation figures, for every calibrator compared (fewer: a quicker, noisier report)")
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, NotRequired, TypedDict
 
-from training.compare_calibrators import ECE_TARGET, RESPLITS, OutOfFold, Resplit, calibrators_scored
+from training.compare_calibrators import ECE_TARGET, OutOfFold, Resplit, calibrators_scored, shipped_resplit
 from training.conformal import candidate_name, format_sets
 from training.ood import REPORT_SEED, SELECTION_SEED
 
@@ -221,7 +221,8 @@ def tested_lines(report: CalibrationReport) -> list[str]:
     return [f"test NLL               {before['nll']:.4f} -> {after['nll']:.4f}",
             f"test ECE (15 bins)     {before['ece']:.4f} -> {after['ece']:.4f} "
             f"(perfectly calibrated: {floor_text(after['ece_if_calibrated'])})",
-            f"test ECE over {RESPLITS} lesion-grouped resplits of validation + test: mean, 90% range, share <= {ECE_TARGET}",
+            f"test ECE over {shipped_resplit(report)['draws']} lesion-grouped resplits of validation + test: mean, 90% range, "
+            f"share <= {ECE_TARGET}",
             *(f"  {name:<54} {m['mean']:.4f}  {m['p5']:.4f}-{m['p95']:.4f}  {m['share_at_target']:.3f}"
               for name, m in after["ece_resplits"].items())]
 

@@ -34,6 +34,7 @@ from skinlesion.image import (
 from skinlesion.model import ARCHITECTURES, CLASS_CODES, DEFAULT_IMAGE_SIZE, build_model, load_checkpoint, save_checkpoint
 from skinlesion.predictor import native_bfloat16
 from training.calibrate import calibrate_checkpoint
+from training.compare_calibrators import add_comparison_argument
 from training.data import Sample, split_dataset
 from training.evaluate import compute_metrics, format_report, to_json
 from training.plots import plot_confusion, plot_curves
@@ -106,6 +107,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="once a recipe is fixed: train on the test split too (the validation split stays out); the "
                    "test split is not scored, and training.calibrate --held-out REPORT carries the test figures of the "
                    "same recipe's run that held it out")
+    add_comparison_argument(p)
     return p
 
 
@@ -384,7 +386,7 @@ def write_report(args: argparse.Namespace, state: dict, train_set: list[Sample],
     if args.validation_only or args.train_on_test:
         Path(f"{stem}.json").write_text(to_json(report))
         return report
-    calibrated = calibrate_checkpoint(args.modelname, train_set, val_set, test_set)
+    calibrated = calibrate_checkpoint(args.modelname, train_set, val_set, test_set, comparison=args.comparison)
     test_metrics = calibrated["test"]
     print(format_report(test_metrics), flush=True)
     print(format_calibration(calibrated["calibration"]), flush=True)
