@@ -241,19 +241,19 @@ def test_one_photos_domain_score_barely_moves_with_its_size_and_quality(arch: st
 
 
 def test_full_size_photos_and_their_copies_get_the_same_answers(fullres_images) -> None:
-    """The served model on the 220 full-size photos, their 200x150 training copies and their 1200x900 upscales: the
-    label agrees on at least 98% of pairs, the probabilities move little, and at most 5% of each is flagged out of
-    domain."""
+    """The served model on the 220 full-size photos, their 200x150 training copies and 1200x900 upscales of every
+    other one: the label agrees on at least 98% of pairs, the probabilities move little, and at most 5% of each is
+    flagged out of domain."""
     predictor = Predictor.from_checkpoint(ROOT / "model_store" / "resnet34.pt")
     copies = {s.image_id: s.path for s in read_samples(HAM10000)}
     photos = [decode_image(path.read_bytes()) for path in fullres_images]
     full, full_scores = answers(predictor, photos)
     copy, copy_scores = answers(predictor, [decode_image(copies[path.stem].read_bytes()) for path in fullres_images])
-    upscaled, upscaled_scores = answers(predictor, [SOURCES["1200x900, JPEG 90"](photo) for photo in photos])
+    upscaled, upscaled_scores = answers(predictor, [SOURCES["1200x900, JPEG 90"](photo) for photo in photos[::2]])
     threshold = predictor.calibration.domain_threshold
-    for other in (copy, upscaled):
-        assert float((full.argmax(1) == other.argmax(1)).float().mean()) >= 0.98
-        assert float((full - other).abs().max(1).values.mean()) < 0.05
+    for given, other in ((full, copy), (full[::2], upscaled)):
+        assert float((given.argmax(1) == other.argmax(1)).float().mean()) >= 0.98
+        assert float((given - other).abs().max(1).values.mean()) < 0.05
     for scores in (full_scores, copy_scores, upscaled_scores):
         assert float((scores > threshold).float().mean()) <= 0.05
 
