@@ -115,8 +115,8 @@ def test_the_check_hides_the_marked_area_and_a_random_one_of_its_size(predictor:
 
 
 def test_grad_cam_of_a_class_without_evidence_marks_nothing(predictor: Predictor, photo: Image.Image) -> None:
-    """Melanoma, asked of this nevus: every layer-4 activation weighs against it, so Grad-CAM's map is all zero, and
-    the answer says so (no marked area, nothing hidden) rather than draw noise."""
+    """Melanoma, asked of this nevus: the gradient-weighted sum of the layer-4 activations is negative everywhere, so
+    Grad-CAM's map (its positive part) is all zero, and the answer says so (no marked area, nothing hidden)."""
     melanoma = CLASS_NAMES.index("Melanoma")
     payload = explain.explanation_payload(predictor, photo, melanoma, "gradcam", "Low")["explanation"]
     attribution = np.asarray(Image.open(io.BytesIO(base64.b64decode(payload["attribution_png"]))))
