@@ -30,6 +30,9 @@ SLOW_FIXTURES = {"model_store", "service", "trained"}
 SLOW_MODULES = {"test_budget", "test_deploy", "test_explain", "test_frontend", "test_full_size", "test_gpu",
                 "test_integration", "test_kserve", "test_limits", "test_load_faults", "test_overload", "test_proxy",
                 "test_security", "test_shipped_models"}
+# Modules that start TorchServe instances of their own run first: before the session's service holds its eight
+# workers' memory (about 8 GiB) beside theirs, which slowed their start by half on this 24 GiB machine.
+OWN_TORCHSERVE_MODULES = ("test_deploy", "test_kserve", "test_overload")
 
 
 def module_name(item: pytest.Item) -> str:
@@ -37,12 +40,8 @@ def module_name(item: pytest.Item) -> str:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "slow: needs the calibrated checkpoints or real servers (not in ./test.sh quick)")
-
-
-# Modules that start TorchServe instances of their own run first: before the session's service holds its eight
-# workers' memory (about 8 GiB) beside theirs, which slowed their start by half on this 24 GiB machine.
-OWN_TORCHSERVE_MODULES = ("test_deploy", "test_kserve", "test_overload")
+    config.addinivalue_line("markers", "slow: starts real servers, trains, or explains or scores hundreds of photos "
+                            "(not in ./test.sh quick)")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -56,6 +55,8 @@ def properties(path: Path) -> dict[str, str]:
     """A Java .properties file (config.properties) as a dict."""
     lines = [line.strip() for line in path.read_text().splitlines()]
     return dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
+
+
 DATA = Path(os.environ.get("SKIN_DATA_DIR", ROOT.parent / "shared" / "data"))
 FULLRES = DATA / "ham10000-fullres"
 HAM10000 = DATA / "ham10000"

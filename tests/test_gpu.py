@@ -63,10 +63,10 @@ def test_served_workers_report_the_device_torchserve_gave_them(service) -> None:
 
 
 @needs_cuda
-def test_served_cuda_answers_match_the_cpu(service, fullres_images) -> None:
+def test_served_cuda_answers_match_the_cpu(service, checkpoints, fullres_images) -> None:
     photo = fullres_images[0].read_bytes()
     answer = requests.post(service.predict_url, json={"image": base64.b64encode(photo).decode()}, timeout=60).json()
-    expected = Predictor.from_checkpoint(ROOT / "model_store" / "resnet34.pt").predict([decode_image(photo)])[0]
+    expected = Predictor.from_checkpoint(checkpoints / "resnet34.pt").predict([decode_image(photo)])[0]
     assert answer["success"] and answer["model"] == "resnet34"
     for name, p in expected["probabilities"].items():
         assert answer["probabilities"][name] == pytest.approx(p, abs=CUDA_ATOL)

@@ -16,7 +16,7 @@ from serving.skin_handler import ADMISSION_PASS
 from skinlesion import options
 from skinlesion.explain import PRECISION_SETTINGS
 from skinlesion.model import ARCHITECTURES
-from tests.conftest import ROOT
+from tests.conftest import ROOT, properties
 
 
 def test_the_core_builds_exactly_the_options() -> None:
@@ -48,11 +48,6 @@ def test_the_client_and_the_launcher_import_no_torch() -> None:
     for module in ("client", "serve"):
         code = f"import sys, {module}; sys.exit('torch' in sys.modules)"
         assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0, f"{module} imports torch"
-
-
-def properties(path) -> dict[str, str]:
-    lines = [line.strip() for line in path.read_text().splitlines()]
-    return dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
 
 
 @pytest.mark.slow  # tens of seconds: ./test.sh quick leaves it out

@@ -228,9 +228,9 @@ def calibrate_checkpoint(weights: Path, train: list[Sample], val: list[Sample], 
 
 
 def score_test_split(outputs: Callable[[list[Image.Image]], Outputs], test: list[Sample], calibration: Calibration,
-                     report: CalibrationReport, val: FitData, val_lesions: list[str], resplits: int = RESPLITS) -> SplitMetrics:
+                     report: CalibrationReport, val: FitData, val_lesions: list[str], resplits: int) -> SplitMetrics:
     """Calibrated test metrics; the test figures of the calibration (before and after, the spread of the ECE over
-    resplits of the validation and test lesions, the alert, the out-of-domain check against the seed-1 set of
+    `resplits` resplits of the validation and test lesions, the alert, the out-of-domain check against the seed-1 set of
     damaged test lesions) are added to `report`."""
     test_images = decode_samples(test)
     test_data = fit_data(outputs(test_images), test)
